@@ -30,6 +30,8 @@ class Result:
     reward: float
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    #: True when the score was read from a cache or store instead of being computed
+    cached: bool = False
 
     def __post_init__(self) -> None:
         r = float(self.reward)

@@ -8,7 +8,11 @@ from typing import Any, Callable
 from nos_gym.tasks.base import Task
 
 # Built-ins are named by import path so that importing nos_gym stays cheap.
-_FACTORIES: dict[str, Callable[..., Task] | str] = {}
+_FACTORIES: dict[str, Callable[..., Task] | str] = {
+    "rosenbrock": "nos_gym.tasks.rosenbrock:RosenbrockTask",
+    "quadratic": "nos_gym.tasks.quadratic:QuadraticTask",
+    "convnet-cifar10": "nos_gym.tasks.convnet:ConvNetTask",
+}
 
 
 def register(name: str, factory: Callable[..., Task] | str, *, overwrite: bool = False) -> None:
