@@ -186,7 +186,7 @@ Slot = list[tuple[str, "Tensor | None"]]
 def _plan(programs: Sequence[Program], device: torch.device | None) -> list[list[Slot]]:
     depth = programs[0].depth
     if any(p.depth != depth for p in programs):
-        raise ValueError("a batch of rules must share one depth; group them by depth first")
+        raise ValueError("a plan needs programs of one depth; pad them with pad_program first")
     plan = []
     for k in range(depth):
         slots = []
@@ -304,8 +304,12 @@ class BatchedRule:
         self.hyper = hyper
         self.generator = generator
         self.device = torch.device(device) if device is not None else None
-        self._plan = _plan(self.programs, self.device)
-        self._needs = needed_averages(self.programs)
+        # Rules of different depths share one plan: shorter ones are padded with groups
+        # that pass their result through unchanged (keep-left), so they compute the same.
+        depth = max(p.depth for p in self.programs)
+        self._padded = [pad_program(p, depth) for p in self.programs]
+        self._plan = _plan(self._padded, self.device)
+        self._needs = needed_averages(self._padded)
 
     def __len__(self) -> int:
         return len(self.programs)
@@ -315,7 +319,7 @@ class BatchedRule:
             raise ValueError(f"params has {params.shape[0]} rows for {len(self.programs)} rules")
         if self.device is None and params.device.type != "cpu":
             self.device = params.device
-            self._plan = _plan(self.programs, params.device)
+            self._plan = _plan(self._padded, params.device)
         return RuleState(0, {k: torch.zeros_like(params) for k in sorted(self._needs)})
 
     def update(self, state: RuleState, grad: Tensor, params: Tensor) -> tuple[Tensor, RuleState]:
@@ -326,6 +330,16 @@ class BatchedRule:
                      step, self.hyper, self.generator)
         direction = run_plan(self._plan, inp)[0]
         return direction, replace(state, step=step)
+
+
+def pad_program(program: Program, depth: int) -> Program:
+    """``program`` lengthened to ``depth`` groups by pass-through groups ``keep(r_k, 1)``."""
+    if depth < program.depth:
+        raise ValueError(f"cannot pad a depth-{program.depth} program to depth {depth}")
+    tokens = list(program.tokens)
+    for k in range(program.depth, depth):
+        tokens += [f"r{k}", "one", "id", "id", "keep"]
+    return Program(tuple(tokens))
 
 
 def single_plan(program: Program) -> list[list[Slot]]:

@@ -91,7 +91,7 @@ class ParseError(ValueError):
 
 _TOKEN_RE = re.compile(
     r"\s*(?:(?P<num>\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?)"
-    r"|(?P<name>[A-Za-z_][A-Za-z_0-9]*|m̂|v̂|γ̂|γ)"
+    r"|(?P<name>m̂|v̂|γ̂|γ|[A-Za-z_][A-Za-z_0-9]*)"
     r"|(?P<sym>[-+*/^()\[\]{}|,²³]))"
 )
 _NAMES = {

@@ -1,0 +1,159 @@
+"""Drop-in optimizers: Figure 2's rules equal torch's optimizers, Table 1, PowerSign, AddSign."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from nos_gym.dsl import Program, parse
+from nos_gym.optim import AddSign, NOSOptimizer, PowerSign, cosine_decay, linear_decay, restart_decay, table1
+from nos_gym.rules import Hyper
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).double()
+
+
+_X = torch.randn(128, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+_Y = _X @ torch.linspace(-1.0, 1.0, 6, dtype=torch.float64).unsqueeze(1)  # a learnable target
+
+
+def _trajectory(make_opt, steps: int = 100) -> tuple[list[torch.Tensor], list[float]]:
+    model = _model()
+    opt = make_opt(model.parameters())
+    weights, losses = [], []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(_X), _Y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    return weights, losses
+
+
+def _assert_same_trajectory(a, b, rtol=1e-6):
+    for step, (wa, wb) in enumerate(zip(a, b)):
+        err = ((wa - wb).abs().max() / wb.abs().max()).item()
+        assert err < rtol, f"step {step}: relative difference {err:.2e}"
+
+
+ADAM_2_STEP = Program(("v", "g", "sqrt_abs", "id", "keep", "m", "r1", "id", "id", "div"))
+
+
+@pytest.mark.parametrize(
+    "rule, hyper, reference",
+    [
+        # SGD: the rule g.
+        ("g", Hyper(), lambda p: torch.optim.SGD(p, lr=0.05)),
+        # Adam: torch's Adam divides by sqrt(v_hat) + eps, exactly the language's x / (y + eps)
+        # with the bias-corrected averages (m-hat, v-hat), betas (0.9, 0.999), eps 1e-8.
+        ("m / sqrt|v|", Hyper(), lambda p: torch.optim.Adam(p, lr=0.01, eps=1e-8)),
+        (ADAM_2_STEP, Hyper(), lambda p: torch.optim.Adam(p, lr=0.01, eps=1e-8)),
+        ("ADAM", Hyper(), lambda p: torch.optim.Adam(p, lr=0.01, eps=1e-8)),
+        # RMSProp: torch keeps an uncorrected average of g^2 with decay alpha; it matches the
+        # language with bias_correction=False and beta2 = alpha (eps added after the sqrt).
+        ("g / sqrt|v|", Hyper(beta2=0.99, bias_correction=False), lambda p: torch.optim.RMSprop(p, lr=0.01, alpha=0.99, eps=1e-8)),
+        ("RMSProp", Hyper(beta2=0.99, bias_correction=False), lambda p: torch.optim.RMSprop(p, lr=0.01, alpha=0.99, eps=1e-8)),
+    ],
+)
+def test_figure2_rules_reproduce_torch_optimizers_over_100_steps(rule, hyper, reference):
+    ours, our_losses = _trajectory(lambda p: NOSOptimizer(p, rule=rule, lr=reference([torch.zeros(1)]).defaults["lr"], hyper=hyper))
+    theirs, _ = _trajectory(reference)
+    _assert_same_trajectory(ours, theirs)
+    assert our_losses[-1] < our_losses[0]  # and they do train
+
+
+def test_every_table1_rule_computes_the_same_numbers_from_its_name_and_its_formatted_string():
+    assert list(table1())[:4] == ["sgd", "momentum", "adam", "rmsprop"]
+    for name, text in table1().items():
+        reformatted = parse(text).format()
+        a, _ = _trajectory(lambda p: NOSOptimizer(p, rule=name, lr=1e-3, seed=3), steps=10)
+        b, _ = _trajectory(lambda p: NOSOptimizer(p, rule=reformatted, lr=1e-3, seed=3), steps=10)
+        for wa, wb in zip(a, b):
+            assert torch.equal(wa, wb), name
+        start = _trajectory(lambda p: torch.optim.SGD(p, lr=0.0), steps=1)[0][0]
+        # exp(g) - exp(m) is 0 at step 1 (m-hat = g); with a full-batch gradient the weights
+        # then never move, so m-hat stays equal to g: a true fixed point of that rule.
+        assert torch.equal(a[-1], start) == (name == "expg_minus_expm"), name
+
+
+def test_state_dict_round_trip_resumes_exactly():
+    rule = "drop(g, 0.3) * exp(sign(g) * sign(m))"  # uses the running average and the generator
+    full, _ = _trajectory(lambda p: NOSOptimizer(p, rule=rule, lr=0.01, seed=5), steps=10)
+
+    model = _model()
+    opt = NOSOptimizer(model.parameters(), rule=rule, lr=0.01, seed=5)
+
+    def step(m, o):
+        o.zero_grad()
+        torch.nn.functional.mse_loss(m(_X), _Y).backward()
+        o.step()
+
+    for _ in range(5):
+        step(model, opt)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    model2 = _model()
+    model2.load_state_dict(saved_model)
+    opt2 = NOSOptimizer(model2.parameters(), rule=rule, lr=0.01, seed=999)
+    opt2.load_state_dict(saved_opt)
+    for _ in range(5):
+        step(model2, opt2)
+    torch.testing.assert_close(torch.cat([p.detach().flatten() for p in model2.parameters()]), full[-1], rtol=0, atol=0)
+
+
+def test_nos_powersign_string_equals_the_powersign_optimizer():
+    a, _ = _trajectory(lambda p: NOSOptimizer(p, rule="g * exp(sign(g) * sign(m))", lr=0.01))
+    b, _ = _trajectory(lambda p: PowerSign(p, lr=0.01))
+    _assert_same_trajectory(a, b, rtol=1e-12)
+
+
+def test_powersign_and_addsign_match_a_hand_computed_step():
+    w = torch.nn.Parameter(torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64))
+    grads = [torch.tensor([0.5, 0.2, -1.0], dtype=torch.float64), torch.tensor([0.1, -0.4, 0.3], dtype=torch.float64)]
+    for cls, kwargs, mult in [
+        (PowerSign, dict(base=2.0), lambda s, d: 2.0 ** (d * s)),
+        (AddSign, dict(alpha=1.5), lambda s, d: 1.5 + d * s),
+    ]:
+        p = torch.nn.Parameter(w.detach().clone())
+        opt = cls([p], lr=0.1, beta=0.9, sign_decay="linear", decay_steps=4, **kwargs)
+        expected = w.detach().clone()
+        m = torch.zeros(3, dtype=torch.float64)
+        for t, g in enumerate(grads):
+            p.grad = g.clone()
+            opt.step()
+            m = 0.9 * m + 0.1 * g
+            decay = (4 - t) / 4  # linear decay at the 0-based step t
+            expected = expected - 0.1 * mult(torch.sign(g) * torch.sign(m), decay) * g
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-14, atol=0)
+
+
+def test_sign_decays_follow_tensorflows_schedules():
+    lin, cos, rst = linear_decay(100), cosine_decay(100), restart_decay(100, num_periods=2)
+    assert [lin(t) for t in (0, 50, 100, 150)] == [1.0, 0.5, 0.0, 0.0]
+    assert cos(0) == 1.0 and cos(50) == pytest.approx(0.5) and cos(100) == pytest.approx(0.0, abs=1e-15)
+    # restart: two cosine periods over 100 steps, restarting at step 50
+    assert rst(0) == 1.0 and rst(25) == pytest.approx(0.5) and rst(50) == 1.0
+    assert cosine_decay(100, zero_after=0.25)(60) == 0.0
+
+
+@pytest.mark.parametrize("cls", [PowerSign, AddSign])
+@pytest.mark.parametrize("decay", [None, "linear", "cosine", "restart"])
+def test_powersign_and_addsign_train_a_small_mlp(cls, decay):
+    _, losses = _trajectory(lambda p: cls(p, lr=0.05, sign_decay=decay, decay_steps=100 if decay else None))
+    assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
+    assert all(math.isfinite(x) for x in losses)
+
+
+def test_bad_arguments_say_what_is_wrong():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    with pytest.raises(ValueError, match="decay_steps"):
+        PowerSign(params, sign_decay="cosine")
+    with pytest.raises(ValueError, match="unknown sign_decay"):
+        AddSign(params, sign_decay="exp", decay_steps=10)
+    with pytest.raises(ValueError, match="learning rate"):
+        NOSOptimizer(params, rule="g", lr=-1.0)
+    with pytest.raises(ValueError, match="position"):
+        NOSOptimizer(params, rule="g *")

@@ -1,0 +1,142 @@
+"""The rule compiler: batched rules equal rules applied alone; operand and function semantics."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from nos_gym.dsl import Masker, Program, get_space, parse
+from nos_gym.rules import BatchedRule, Hyper
+
+STOCHASTIC = ("noise", "drop0.1", "drop0.3", "drop0.5")
+
+
+def _random_deterministic_programs(n: int, depth: int, seed: int) -> list[Program]:
+    """Distinct random valid programs without drop/noise (whose draws depend on batch layout)."""
+    masker = Masker(get_space("extended"), depth)
+    rng = np.random.default_rng(seed)
+    out: dict[str, Program] = {}
+    while len(out) < n:
+        p = masker.sample(rng)
+        if not any(t in STOCHASTIC for t in p.tokens):
+            out.setdefault(p.canonical_key, p)
+    return list(out.values())
+
+
+def _train(rule: BatchedRule, w0: torch.Tensor, steps: int = 25, lr: float = 1e-2) -> torch.Tensor:
+    """A small nonconvex problem per row: f(w) = sum(w^2 - 0.5 cos(3w)) + 0.1 * w.w_shifted."""
+    w = w0.clone()
+    state = rule.init(w)
+    for _ in range(steps):
+        grad = 2 * w + 1.5 * torch.sin(3 * w) + 0.1 * torch.roll(w, 1, dims=-1)
+        d, state = rule.update(state, grad, w)
+        w = w - lr * d
+    return w
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_batch_of_64_different_rules_equals_each_rule_alone(depth):
+    programs = _random_deterministic_programs(64, depth, seed=depth)
+    assert len({p.canonical_key for p in programs}) == 64
+    torch.manual_seed(0)
+    w0 = torch.randn(64, 3, 5, dtype=torch.float64)
+    batched = _train(BatchedRule(programs), w0)
+    alone = torch.cat([_train(BatchedRule([p]), w0[i : i + 1]) for i, p in enumerate(programs)])
+    same = torch.isclose(batched, alone, rtol=1e-12, atol=1e-300, equal_nan=True)
+    assert same.all(), [programs[i].format() for i in torch.nonzero(~same.flatten(1).all(1)).flatten().tolist()]
+    # the rules really differ: rows end in many different places
+    finite = batched[torch.isfinite(batched).flatten(1).all(1)]
+    assert len({tuple(r.flatten().tolist()) for r in finite}) > 40
+
+
+def test_operands_follow_section_4_definitions():
+    g = torch.tensor([[0.5, -2.0, 1e-3]], dtype=torch.float64)
+    w = torch.tensor([[1.0, 2.0, -3.0]], dtype=torch.float64)
+    h = Hyper()
+    expect = {
+        "g^2": g**2,
+        "g^3": g**3,
+        "m": g,  # after one step the bias-corrected average is the gradient itself
+        "v": g**2,
+        "y": g**3,
+        "sign(m)": torch.sign(g),
+        "1e-2 * w": 1e-2 * w,
+        "ADAM": g / (g.abs() + h.eps),
+        "RMSProp": g / (g.abs() + h.eps),
+        "exp(g)": torch.exp(g),
+        "log|g|": torch.log(g.abs()),
+        "clip(g, 1e-3)": g.clamp(-1e-3, 1e-3),
+        "g / m": g / (g + h.eps),
+        "g - -g": 2 * g,
+    }
+    for text, value in expect.items():
+        rule = BatchedRule([parse(text)])
+        d, _ = rule.update(rule.init(w), g, w)
+        torch.testing.assert_close(d, value, rtol=1e-12, atol=1e-15, msg=text)
+
+
+def test_running_averages_are_bias_corrected_with_the_papers_betas():
+    rule = BatchedRule([parse("m + v")])  # add is fine as a test rule
+    w = torch.zeros(1, 1, dtype=torch.float64)
+    state = rule.init(w)
+    grads = [1.0, -2.0, 0.5]
+    for g in grads:
+        d, state = rule.update(state, torch.tensor([[g]], dtype=torch.float64), w)
+    t = len(grads)
+    m = sum((1 - 0.9) * 0.9 ** (t - 1 - i) * g for i, g in enumerate(grads)) / (1 - 0.9**t)
+    v = sum((1 - 0.999) * 0.999 ** (t - 1 - i) * g * g for i, g in enumerate(grads)) / (1 - 0.999**t)
+    assert d.item() == pytest.approx(m + v, rel=1e-12)
+    assert state.step == 3 and sorted(state.averages) == ["m", "v"]
+
+
+def test_only_the_averages_a_rule_reads_are_kept():
+    w = torch.zeros(4, 3)
+    assert BatchedRule([parse("g")]).init(w[:1]).averages == {}
+    assert sorted(BatchedRule([parse("ADAM")]).init(w[:1]).averages) == ["m", "v"]
+    assert sorted(BatchedRule([parse(s) for s in ["g", "y", "sign(m)", "v"]]).init(w).averages) == ["m", "v", "y"]
+
+
+def test_drop_zeroes_the_documented_fraction_reproducibly():
+    w = torch.zeros(3, 20_000)
+    g = torch.ones(3, 20_000)
+    rule = BatchedRule([parse("drop(g, 0.1)"), parse("drop(g, 0.3)"), parse("drop(g, 0.5)")],
+                       generator=torch.Generator().manual_seed(7))
+    d, _ = rule.update(rule.init(w), g, w)
+    zero_fraction = (d == 0).float().mean(dim=1)
+    torch.testing.assert_close(zero_fraction, torch.tensor([0.1, 0.3, 0.5]), atol=0.015, rtol=0)
+    assert set(d.unique().tolist()) == {0.0, 1.0}  # no rescaling of kept entries
+    again = BatchedRule(rule.programs, generator=torch.Generator().manual_seed(7))
+    d2, _ = again.update(again.init(w), g, w)
+    assert torch.equal(d, d2)
+
+
+def test_noise_is_a_small_fresh_gaussian():
+    rule = BatchedRule([parse("noise")], generator=torch.Generator().manual_seed(0))
+    w = torch.zeros(1, 50_000)
+    state = rule.init(w)
+    d1, state = rule.update(state, w, w)
+    d2, _ = rule.update(state, w, w)
+    assert abs(d1.std().item() - Hyper().noise_std) < 2e-4
+    assert abs(d1.mean().item()) < 2e-4
+    assert not torch.equal(d1, d2)
+
+
+def test_non_finite_values_are_returned_not_raised():
+    rule = BatchedRule([parse("log|g|"), parse("exp(1e-1 * w) * exp(exp(g))")])
+    w = torch.tensor([[0.0], [1e4]])
+    g = torch.tensor([[0.0], [100.0]])
+    d, _ = rule.update(rule.init(w), g, w)
+    assert d[0, 0].item() == -math.inf
+    assert math.isinf(d[1, 0].item())
+
+
+def test_rules_of_different_depths_batch_together():
+    programs = [parse("g"), parse("g * exp(sign(g) * sign(m))"), parse("(exp(sign(g) * sign(m)) + clip(g, 1e-4)) * g")]
+    assert [p.depth for p in programs] == [1, 2, 3]
+    torch.manual_seed(1)
+    w0 = torch.randn(3, 4, dtype=torch.float64)
+    batched = _train(BatchedRule(programs), w0)
+    alone = torch.cat([_train(BatchedRule([p]), w0[i : i + 1]) for i, p in enumerate(programs)])
+    torch.testing.assert_close(batched, alone, rtol=1e-12, atol=0)
+    assert not torch.allclose(batched[0], batched[1])
