@@ -75,17 +75,9 @@ class Inputs:
 
     def take(self, rows: Tensor) -> "Inputs":
         """The same inputs restricted to some rows of a stacked tensor (gathered on use)."""
-        parent = self
         sub = Inputs.__new__(Inputs)
         sub.step, sub.hyper, sub.generator, sub._cache = self.step, self.hyper, self.generator, {}
-
-        class _Rows(dict):
-            def __missing__(self, key: str) -> Values | None:
-                vals = parent._fields[key]
-                self[key] = None if vals is None else [vals[0].index_select(0, rows)]
-                return self[key]
-
-        sub._fields = _Rows()
+        sub._fields = _RowFields(self._fields, rows)
         return sub
 
     g = property(lambda self: self._fields["g"])
@@ -137,6 +129,19 @@ class Inputs:
             raise KeyError(f"unknown operand {name!r}")
         self._cache[name] = val
         return val
+
+
+class _RowFields(dict):
+    """Input fields of some rows, gathered from the full tensors on first use."""
+
+    def __init__(self, parent: dict, rows: Tensor):
+        super().__init__()
+        self.parent, self.rows = parent, rows
+
+    def __missing__(self, key: str) -> Values | None:
+        vals = self.parent[key]
+        self[key] = None if vals is None else [vals[0].index_select(0, self.rows)]
+        return self[key]
 
 
 # -------------------------------------------------------------------------- functions
@@ -226,19 +231,16 @@ def run_plan(plan: list[list[Slot]], inp: Inputs) -> Values:
     for op1, op2, u1, u2, b in plan:
         def side(op_slot: Slot, u_slot: Slot) -> Values:
             x = _per_rows(op_slot, inp.g, lambda tok, rows: _operand(tok, inp, results, rows))
-            if len(u_slot) == 1:
-                return UNARY_FNS[u_slot[0][0]](x, inp)
-            return _per_rows(u_slot, x, lambda tok, rows: UNARY_FNS[tok]([x[0].index_select(0, rows)], inp))
+            return _per_rows(u_slot, x, lambda tok, rows: UNARY_FNS[tok](
+                x if rows is None else [x[0].index_select(0, rows)], inp))
         a = side(op1, u1)
         if len(b) == 1 and b[0][0] == "keep":
             results.append(a)  # keep-left everywhere: the right side is never computed
             continue
         c = side(op2, u2)
-        if len(b) == 1:
-            results.append(BINARY_FNS[b[0][0]](a, c, inp))
-        else:
-            results.append(_per_rows(b, a, lambda tok, rows: BINARY_FNS[tok](
-                [a[0].index_select(0, rows)], [c[0].index_select(0, rows)], inp)))
+        results.append(_per_rows(b, a, lambda tok, rows: BINARY_FNS[tok](
+            a if rows is None else [a[0].index_select(0, rows)],
+            c if rows is None else [c[0].index_select(0, rows)], inp)))
     return results[-1]
 
 
