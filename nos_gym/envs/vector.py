@@ -1,0 +1,341 @@
+"""The vector form of ``OptimizerSearchEnv``: N programs in lockstep, scored as ONE batch.
+
+Episodes have a fixed length (5n tokens), so N sub-environments that start together
+finish together; on the last step the N finished programs go to the evaluator in one
+``evaluate`` call, so a batched task (Rosenbrock, quadratic) scores them in one
+vectorised computation, and a pool backend can spread them over workers.
+
+Two front ends:
+
+- ``OptimizerSearchVectorEnv``: a ``gymnasium.vector.VectorEnv``, what
+  ``gymnasium.make_vec("OptimizerSearch-v0", num_envs=N, vectorization_mode="vector_entry_point")``
+  returns. Masks come as an ``(N, V)`` array (``action_masks()``, ``info["action_mask"]``).
+- ``SB3VecEnv``: a ``stable_baselines3`` ``VecEnv`` over it, so SB3 and sb3-contrib
+  (MaskablePPO reads ``env_method("action_masks")``) also score their N programs as one batch.
+
+**Autoreset.** Gymnasium 1.x vector envs declare ``metadata["autoreset_mode"]``. The
+default here is ``AutoresetMode.NEXT_STEP`` (Gymnasium's default): the step that finishes
+the programs returns their final observations, rewards and infos; the *next* ``step``
+resets every sub-env, ignores its actions and returns the first observation with reward
+0. ``AutoresetMode.SAME_STEP`` resets in the finishing step itself: the observation
+returned is already the new episode's, the finished ones are in ``info["final_obs"]``
+and their infos in ``info["final_info"]``. ``AutoresetMode.DISABLED``: ``step`` after the
+end raises until ``reset()``. SB3's ``VecEnv`` convention is same-step reset with the
+final observation in ``infos[i]["terminal_observation"]``: ``SB3VecEnv`` does that.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+from gymnasium import spaces
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from nos_gym.dsl import Constraints, Masker, Program, SearchSpace, get_space
+from nos_gym.dsl.vocabulary import GROUP_SIZE
+from nos_gym.envs.optimizer_search import (
+    INVALID_ACTION_MODES,
+    OBSERVATION_MODES,
+    EvaluatorLike,
+    InvalidActionError,
+    MaskTable,
+    action_index,
+    invalid_action_message,
+    make_evaluator,
+    observation_space,
+    onehot,
+    terminal_info,
+)
+from nos_gym.tasks.base import Task
+
+_TERMINAL_KEYS = ("tokens", "rule", "canonical_key", "metrics", "cached", "error")
+
+
+class OptimizerSearchVectorEnv(VectorEnv):
+    """N ``OptimizerSearchEnv`` sub-environments in lockstep, their programs scored as one batch.
+
+    Arguments are those of ``OptimizerSearchEnv`` plus ``num_envs`` and ``autoreset_mode``
+    (an ``AutoresetMode`` or its value, "NextStep", "SameStep", "Disabled"). All sub-envs
+    share one evaluator (and so its cache). Spaces: ``single_action_space`` is
+    ``Discrete(V)``, ``action_space`` ``MultiDiscrete([V] * N)``; observations are
+    ``(N, 5n + 1)`` int64 arrays laid out as the single env's (or ``(N, D)`` float32 with
+    ``observation="onehot"``). Infos are dicts of arrays
+    with Gymnasium's ``_key`` masks: ``action_mask`` (N, V) int8 and ``projected`` (N,)
+    every step; on the last step also ``tokens``, ``rule``, ``canonical_key``, ``metrics``,
+    ``cached`` and ``error`` (object or bool arrays, one entry per sub-env).
+    """
+
+    metadata = {"render_modes": ["ansi"], "autoreset_mode": AutoresetMode.NEXT_STEP}
+
+    def __init__(self, num_envs: int = 1, task: str | Task | None = None, depth: int = 2,
+                 space: str | SearchSpace = "full", distinct_operands: bool = True,
+                 no_final_addition: bool = True, reuse_result: bool = True, invalid_action: str = "project",
+                 evaluator: EvaluatorLike | None = None, task_options: dict[str, Any] | None = None,
+                 autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP, render_mode: str | None = None,
+                 max_episode_steps: int | None = None, observation: str = "tokens"):
+        if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
+            raise ValueError(f"num_envs must be an integer >= 1, got {num_envs!r}")
+        if not isinstance(depth, (int, np.integer)) or depth < 1:
+            raise ValueError(f"depth is the number of groups, an integer >= 1; got {depth!r}")
+        if invalid_action not in INVALID_ACTION_MODES:
+            raise ValueError(f"invalid_action must be one of {INVALID_ACTION_MODES}, got {invalid_action!r}")
+        try:
+            mode = AutoresetMode(autoreset_mode)
+        except ValueError:
+            raise ValueError(f"autoreset_mode must be one of {[m.value for m in AutoresetMode]}, "
+                             f"got {autoreset_mode!r}") from None
+        if observation not in OBSERVATION_MODES:
+            raise ValueError(f"observation must be one of {OBSERVATION_MODES}, got {observation!r}")
+        if render_mode is not None and render_mode != "ansi":
+            raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
+        self.num_envs = int(num_envs)
+        self.depth = int(depth)
+        self.length = GROUP_SIZE * self.depth
+        if max_episode_steps is not None and max_episode_steps < self.length:
+            raise ValueError(f"episodes are exactly {self.length} steps (5 x depth); "
+                             f"max_episode_steps={max_episode_steps} would cut them")
+        self.space = get_space(space)
+        self.constraints = Constraints(bool(distinct_operands), bool(no_final_addition), bool(reuse_result))
+        self.invalid_action = invalid_action
+        self.render_mode = render_mode
+        self.autoreset_mode = mode
+        self.metadata = {**type(self).metadata, "autoreset_mode": mode}
+        self.evaluator = make_evaluator(task, evaluator, task_options)
+        self.masks = MaskTable(Masker(self.space, self.depth, self.constraints))
+        self.vocab = self.masks.vocab
+        V = len(self.vocab)
+        self.single_action_space = spaces.Discrete(V)
+        self.observation = observation
+        self.single_observation_space = observation_space(observation, self.length, V)
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self._ids = np.zeros((self.num_envs, self.length), dtype=np.int64)
+        self._pos = 0
+        self._mask = np.zeros((self.num_envs, V), dtype=bool)
+        self._state = "unreset"  # "running", "finished" (a NEXT_STEP/DISABLED end), "unreset"
+        self.last_programs: list[Program] = []
+
+    # ------------------------------------------------------------------------- API
+    def reset(self, *, seed: int | Sequence[int] | None = None,
+              options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        if isinstance(seed, (list, tuple)):
+            seed = seed[0] if seed else None
+        super().reset(seed=seed)
+        return self._restart()
+
+    def step(self, actions: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        N = self.num_envs
+        if self._state == "unreset":
+            raise RuntimeError("call reset() before step()")
+        if self._state == "finished":
+            if self.autoreset_mode == AutoresetMode.DISABLED:
+                raise RuntimeError("the programs are complete and autoreset_mode is DISABLED: call reset()")
+            obs, info = self._restart()  # NEXT_STEP: this step only resets; its actions are ignored
+            return obs, np.zeros(N), np.zeros(N, dtype=bool), np.zeros(N, dtype=bool), info
+        acts = np.asarray(actions)
+        if acts.shape != (N,):
+            acts = acts.reshape(-1)
+            if acts.shape != (N,):
+                raise ValueError(f"actions must be {N} token ids, one per sub-env; got shape {np.shape(actions)}")
+        V = len(self.vocab)
+        if not np.issubdtype(acts.dtype, np.integer):
+            acts = np.array([action_index(a, V) for a in acts], dtype=np.int64)
+        elif acts.min() < 0 or acts.max() >= V:
+            bad = int(acts[(acts < 0) | (acts >= V)][0])
+            raise ValueError(f"action {bad} is outside Discrete({V}): token ids are 0..{V - 1}")
+        acts = acts.astype(np.int64, copy=True)
+        rows = np.arange(N)
+        invalid = ~self._mask[rows, acts]
+        if invalid.any():
+            if self.invalid_action == "raise":
+                i = int(np.flatnonzero(invalid)[0])
+                raise InvalidActionError(f"sub-env {i}: " + invalid_action_message(
+                    self.vocab, self._pos, int(acts[i]), self._mask[i]))
+            for i in np.flatnonzero(invalid):
+                valid = np.flatnonzero(self._mask[i])
+                acts[i] = valid[acts[i] % len(valid)]
+        pos = self._pos
+        self._ids[:, pos] = acts
+        self._pos = pos + 1
+        obs = self._observation()
+        rewards = np.zeros(N)
+        if self._pos < self.length:
+            self._mask = self.masks.masks(self._ids[:, : self._pos])
+            info = {"action_mask": self._mask.astype(np.int8), "projected": invalid}
+            return obs, rewards, np.zeros(N, dtype=bool), np.zeros(N, dtype=bool), self._with_masks(info)
+        # the programs are complete: score all N as one batch
+        programs = [Program.from_ids(row, self.vocab) for row in self._ids]
+        self.last_programs = programs
+        results = self.evaluator.evaluate(programs)
+        if len(results) != N:
+            raise RuntimeError(f"the evaluator returned {len(results)} results for {N} programs")
+        rewards = np.array([float(r.reward) for r in results])
+        per_env = [terminal_info(p, r) for p, r in zip(programs, results)]
+        info: dict[str, Any] = {}
+        for key in _TERMINAL_KEYS:
+            arr = np.zeros(N, dtype=bool) if key == "cached" else np.empty(N, dtype=object)
+            for i, d in enumerate(per_env):
+                arr[i] = d[key]
+            info[key] = arr
+        info["projected"] = invalid
+        terminated = np.ones(N, dtype=bool)
+        truncated = np.zeros(N, dtype=bool)
+        self._mask = np.zeros((N, V), dtype=bool)
+        if self.autoreset_mode == AutoresetMode.SAME_STEP:
+            info["action_mask"] = self._mask.astype(np.int8)
+            final_info = self._with_masks(info)
+            final_obs = np.empty(N, dtype=object)
+            for i in range(N):
+                final_obs[i] = obs[i].copy()
+            obs, reset_info = self._restart()
+            reset_info.update({"final_obs": final_obs, "_final_obs": np.ones(N, dtype=bool),
+                               "final_info": final_info, "_final_info": np.ones(N, dtype=bool)})
+            return obs, rewards, terminated, truncated, reset_info
+        self._state = "finished"
+        info["action_mask"] = self._mask.astype(np.int8)
+        return obs, rewards, terminated, truncated, self._with_masks(info)
+
+    def action_masks(self) -> np.ndarray:
+        """``(N, V)`` bool masks of the valid actions now (all False once the programs are complete)."""
+        return self._mask.copy()
+
+    def render(self) -> tuple[str, ...] | None:
+        if self.render_mode != "ansi":
+            return None
+        tokens = self.vocab.tokens
+        return tuple(f"[{' '.join(tokens[i] for i in row[: self._pos])}] {self._pos}/{self.length}"
+                     for row in self._ids)
+
+    # ---------------------------------------------------------------------- helpers
+    def _restart(self) -> tuple[np.ndarray, dict[str, Any]]:
+        self._ids[:] = 0
+        self._pos = 0
+        self._state = "running"
+        self._mask = self.masks.masks(self._ids[:, :0])
+        return self._observation(), self._with_masks({"action_mask": self._mask.astype(np.int8)})
+
+    def _observation(self) -> np.ndarray:
+        obs = np.zeros((self.num_envs, self.length + 1), dtype=np.int64)
+        obs[:, : self._pos] = self._ids[:, : self._pos] + 1
+        obs[:, self.length] = self._pos
+        return obs if self.observation == "tokens" else onehot(obs, len(self.vocab))
+
+    def _with_masks(self, info: dict[str, Any]) -> dict[str, Any]:
+        for key in list(info):
+            if not key.startswith("_"):
+                info[f"_{key}"] = np.ones(self.num_envs, dtype=bool)
+        return info
+
+
+def make_vector_env(num_envs: int = 1, **kwargs: Any) -> OptimizerSearchVectorEnv:
+    """The ``vector_entry_point`` of the registered ids (``gymnasium.make_vec``)."""
+    return OptimizerSearchVectorEnv(num_envs=num_envs, **kwargs)
+
+
+# ----------------------------------------------------------------------------- SB3
+# stable_baselines3 imports torch, so the adapter class is built on first access
+# (``from nos_gym.envs.vector import SB3VecEnv``), keeping this module light.
+def __getattr__(name: str) -> Any:
+    if name == "SB3VecEnv":
+        from stable_baselines3.common.vec_env import VecEnv
+
+        cls = _make_sb3_class(VecEnv)
+        globals()["SB3VecEnv"] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_SB3_DOC = """An SB3 ``VecEnv`` over an ``OptimizerSearchVectorEnv`` (given, or made from ``kwargs``).
+
+    Same-step reset as SB3 expects (``infos[i]["terminal_observation"]``), ``infos`` as a
+    list of dicts, and ``action_masks()`` / ``env_method("action_masks")`` returning the
+    ``(N, V)`` masks, so sb3-contrib's MaskablePPO samples valid programs and the N
+    programs of each lockstep episode are scored as one batch:
+
+    >>> venv = SB3VecEnv(num_envs=16, task="rosenbrock", depth=1, space="small")
+    >>> model = MaskablePPO("MlpPolicy", VecMonitor(venv)).learn(10_000)
+    """
+
+
+def _make_sb3_class(VecEnv: type) -> type:
+    class SB3VecEnv(VecEnv):
+        __doc__ = _SB3_DOC
+
+        def __init__(self, env: OptimizerSearchVectorEnv | None = None, **kwargs: Any):
+            if env is None:
+                env = OptimizerSearchVectorEnv(**kwargs)
+            elif kwargs:
+                raise ValueError(f"pass either an OptimizerSearchVectorEnv or its arguments, not both "
+                                 f"({sorted(kwargs)})")
+            if not isinstance(env, OptimizerSearchVectorEnv):
+                raise TypeError(f"SB3VecEnv wraps an OptimizerSearchVectorEnv, got {type(env).__name__}")
+            env.autoreset_mode = AutoresetMode.DISABLED  # this class resets in the same step itself
+            env.metadata = {**env.metadata, "autoreset_mode": AutoresetMode.DISABLED}
+            self.venv_gym = env
+            self._actions: np.ndarray | None = None
+            super().__init__(env.num_envs, env.single_observation_space, env.single_action_space)
+
+        # -- VecEnv -----------------------------------------------------------------------
+        def reset(self) -> np.ndarray:
+            seed = self._seeds[0] if self._seeds and self._seeds[0] is not None else None
+            obs, info = self.venv_gym.reset(seed=seed)
+            self._reset_seeds()
+            self._reset_options()
+            self.reset_infos = [{} for _ in range(self.num_envs)]
+            return obs
+
+        def step_async(self, actions: np.ndarray) -> None:
+            self._actions = np.asarray(actions)
+
+        def step_wait(self):
+            obs, rewards, terminated, truncated, info = self.venv_gym.step(self._actions)
+            N = self.num_envs
+            dones = terminated | truncated
+            infos: list[dict[str, Any]] = [{} for _ in range(N)]
+            for key, value in info.items():
+                if key.startswith("_") or key == "action_mask":
+                    continue
+                present = info.get(f"_{key}", np.ones(N, dtype=bool))
+                for i in range(N):
+                    if present[i]:
+                        infos[i][key] = value[i]
+            if dones.all():
+                for i in range(N):
+                    infos[i]["terminal_observation"] = obs[i]
+                    infos[i]["TimeLimit.truncated"] = False
+                obs, _ = self.venv_gym.reset()
+            return obs, rewards.astype(np.float32), dones, infos
+
+        def close(self) -> None:
+            self.venv_gym.close()
+
+        def action_masks(self) -> np.ndarray:
+            return self.venv_gym.action_masks()
+
+        def get_attr(self, attr_name: str, indices=None) -> list[Any]:
+            return [getattr(self.venv_gym, attr_name) for _ in self._get_indices(indices)]
+
+        def set_attr(self, attr_name: str, value: Any, indices=None) -> None:
+            setattr(self.venv_gym, attr_name, value)
+
+        def env_method(self, method_name: str, *method_args, indices=None, **method_kwargs) -> list[Any]:
+            idx = list(self._get_indices(indices))
+            if method_name == "action_masks":
+                masks = self.venv_gym.action_masks()
+                return [masks[i] for i in idx]
+            result = getattr(self.venv_gym, method_name)(*method_args, **method_kwargs)
+            return [result for _ in idx]
+
+        def env_is_wrapped(self, wrapper_class: type, indices=None) -> list[bool]:
+            return [False for _ in self._get_indices(indices)]
+
+        def get_images(self) -> Sequence[np.ndarray | None]:
+            return [None for _ in range(self.num_envs)]
+
+    SB3VecEnv.__module__ = __name__
+    return SB3VecEnv
+
+
+__all__ = ["OptimizerSearchVectorEnv", "SB3VecEnv", "make_vector_env"]

@@ -1,0 +1,130 @@
+"""A noisy, ill-conditioned quadratic: a second cheap reward beside Rosenbrock.
+
+Each rule minimises
+
+    f(w) = 1/2 * sum_i h_i (w_i - w*_i)^2,      w in R^dim (dim = 100),
+
+with curvatures ``h_i`` log-spaced from ``1 / condition`` to 1 (condition = 1e3) and the
+minimum ``w* ~ N(0, I)`` (drawn once from ``seed``; not at the origin, so the weight
+operands ``1e-k * w`` are no shortcut), from the start ``w0 = 0``, for ``iterations`` = 300 steps,
+on the learning-rate grid ``(1e-3, 1e-2, 1e-1, 1)``. The rule sees a noisy gradient
+``g_t = h * (w_t - w*) + noise_std * eps_t`` with ``eps_t ~ N(0, I)`` and ``noise_std`` = 0.01.
+The noise sequence is drawn once from ``seed`` and shared by every row (common random
+numbers), so a program's score does not depend on its batch, and rules are compared on
+the same noise. The score is the one of the Rosenbrock task, on the exact (noise-free)
+final loss: ``log_progress(f(w0), L*, loss_floor)``, with ``L*`` the best final loss over
+the grid and ``loss_floor`` = 1e-6 (see ``nos_gym.tasks.rosenbrock.log_progress``).
+
+All B programs x L learning rates run as one ``(B * L, dim)`` computation per depth.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from nos_gym.dsl import Program
+from nos_gym.rules import BatchedRule, Hyper
+from nos_gym.tasks._sliced import SlicedBatchedRule
+from nos_gym.tasks.base import Result, Task
+from nos_gym.tasks.rosenbrock import grid_results, log_progress
+
+_EXECUTORS = {"sliced": SlicedBatchedRule, "batched": BatchedRule}
+
+
+class QuadraticTask(Task):
+    """Score rules on a noisy, ill-conditioned quadratic (see the module docstring).
+
+    Args:
+        dim: number of parameters per run.
+        condition: ratio of the largest to the smallest curvature.
+        noise_std: standard deviation of the gradient noise.
+        iterations: optimisation steps per learning rate.
+        learning_rates: the grid; the best final loss over it is scored.
+        loss_floor: the loss that earns reward 1.
+        seed: seeds the start, the noise sequence, ``drop`` and the rule's ``noise``.
+        executor: "sliced" (default) or "batched" (``BatchedRule``).
+    """
+
+    name = "quadratic"
+    version = 1
+
+    def __init__(self, dim: int = 100, condition: float = 1e3, noise_std: float = 0.01,
+                 iterations: int = 300, learning_rates: Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0),
+                 loss_floor: float = 1e-6, seed: int = 0, executor: str = "sliced"):
+        if int(dim) < 1 or int(iterations) < 1:
+            raise ValueError(f"dim and iterations must be >= 1, got dim={dim}, iterations={iterations}")
+        if not condition >= 1:
+            raise ValueError(f"condition must be >= 1, got {condition}")
+        if not noise_std >= 0:
+            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+        lrs = tuple(float(lr) for lr in learning_rates)
+        if not lrs or not all(lr > 0 and math.isfinite(lr) for lr in lrs):
+            raise ValueError(f"learning_rates must be positive finite numbers, got {learning_rates}")
+        if executor not in _EXECUTORS:
+            raise ValueError(f"executor must be one of {sorted(_EXECUTORS)}, got {executor!r}")
+        self.dim, self.condition, self.noise_std = int(dim), float(condition), float(noise_std)
+        self.iterations, self.learning_rates = int(iterations), lrs
+        self.seed, self.executor = int(seed), executor
+        gen = torch.Generator().manual_seed(self.seed)
+        self.curvatures = torch.logspace(-math.log10(self.condition), 0.0, self.dim, dtype=torch.float64)
+        self.optimum = torch.randn(self.dim, generator=gen, dtype=torch.float64)
+        self.start = torch.zeros(self.dim, dtype=torch.float64)
+        self._noise_seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+        self.initial_loss = self.loss(self.start.view(1, -1)).item()
+        if not 0 < loss_floor < self.initial_loss:
+            raise ValueError(f"loss_floor must be in (0, f(w0) = {self.initial_loss:g}), got {loss_floor}")
+        self.loss_floor = float(loss_floor)
+
+    def config(self) -> dict[str, Any]:
+        return {"dim": self.dim, "condition": self.condition, "noise_std": self.noise_std,
+                "iterations": self.iterations, "learning_rates": list(self.learning_rates),
+                "loss_floor": self.loss_floor, "seed": self.seed}
+
+    def loss(self, w: torch.Tensor) -> torch.Tensor:
+        """``f`` of each row of ``w`` (shape (R, dim))."""
+        diff = w - self.optimum
+        return 0.5 * (diff * diff * self.curvatures).sum(dim=1)
+
+    def score(self, best_loss: float) -> float:
+        return log_progress(self.initial_loss, best_loss, self.loss_floor)
+
+    def evaluate(self, programs: Sequence[Program]) -> list[Result]:
+        programs = list(programs)
+        if not programs:
+            return []
+        return grid_results(self.final_losses(programs), self.learning_rates, self.score)
+
+    def final_losses(self, programs: Sequence[Program]) -> np.ndarray:
+        """``(B, L)`` array: final loss of each program at each learning rate (NaN if diverged)."""
+        out = np.empty((len(programs), len(self.learning_rates)))
+        by_depth: dict[int, list[int]] = {}
+        for i, p in enumerate(programs):
+            by_depth.setdefault(p.depth, []).append(i)
+        for idx in by_depth.values():
+            loss = self.loss(self._run([programs[i] for i in idx])).view(len(idx), -1)
+            out[idx] = torch.where(torch.isfinite(loss), loss, torch.full_like(loss, float("nan"))).numpy()
+        return out
+
+    def _run(self, programs: list[Program]) -> torch.Tensor:
+        L = len(self.learning_rates)
+        rows = [p for p in programs for _ in range(L)]
+        R = len(rows)
+        rule = _EXECUTORS[self.executor](rows, Hyper(), generator=torch.Generator().manual_seed(self.seed))
+        params = self.start.repeat(R, 1)
+        lr = torch.tensor(self.learning_rates, dtype=torch.float64).repeat(len(programs))
+        lr = lr.view(R, 1).expand(R, self.dim).contiguous()
+        noise_gen = torch.Generator().manual_seed(self._noise_seed)
+        grad = torch.empty_like(params)
+        h, target = self.curvatures, self.optimum
+        state = rule.init(params)
+        with torch.no_grad():
+            for _ in range(self.iterations):
+                eps = torch.randn(self.dim, generator=noise_gen, dtype=torch.float64).mul_(self.noise_std)
+                torch.sub(params, target, out=grad).mul_(h).add_(eps)
+                d, state = rule.update(state, grad, params)
+                params.addcmul_(lr, d, value=-1.0)
+        return params
