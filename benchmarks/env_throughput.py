@@ -6,8 +6,7 @@
     Goal: >= 20,000 steps/s on one core.
 (b) Rosenbrock candidates scored per second: 1,024 random depth-2 rules (paper's full
     space, all constraints) x 4 learning rates x 4,000 steps as one batched computation
-    (the task's default executor ``SlicedBatchedRule``; also ``BatchedRule``, and the
-    batch split over 2 worker processes), against scoring each candidate with a per-step
+    (``BatchedRule``; also the batch split over 2 worker processes), against scoring each candidate with a per-step
     ``NOSOptimizer`` loop (autograd gradient, ``opt.step()``, 4 LRs x 4,000 steps).
     The loop is timed on a sample of candidates at full length and extrapolated linearly
     to 1,024 (each candidate costs the same there, so the extrapolation is a product,
@@ -96,26 +95,26 @@ def env_steps(episodes: int, depth: int, num_envs: int) -> list[tuple[str, float
 
 
 # ------------------------------------------------------------------------------ (b)
-def _score(programs: list[Program], iterations: int, executor: str) -> tuple[list[float], float]:
+def _score(programs: list[Program], iterations: int) -> tuple[list[float], float]:
     """Rewards, and the CPU seconds this process spent on them."""
     torch.set_num_threads(1)
     cpu = time.process_time()
-    rewards = [r.reward for r in RosenbrockTask(iterations=iterations, executor=executor).evaluate(programs)]
+    rewards = [r.reward for r in RosenbrockTask(iterations=iterations).evaluate(programs)]
     return rewards, time.process_time() - cpu
 
 
-def batched_seconds(programs: list[Program], iterations: int, executor: str) -> tuple[float, float, list[float]]:
+def batched_seconds(programs: list[Program], iterations: int) -> tuple[float, float, list[float]]:
     start = time.perf_counter()
-    rewards, cpu = _score(programs, iterations, executor)
+    rewards, cpu = _score(programs, iterations)
     return time.perf_counter() - start, cpu, rewards
 
 
 def parallel_seconds(programs: list[Program], iterations: int, workers: int) -> tuple[float, float, list[float]]:
     chunks = [programs[i::workers] for i in range(workers)]
     with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool:
-        list(pool.map(_score, [[programs[0]]] * workers, [10] * workers, ["sliced"] * workers))  # warm up
+        list(pool.map(_score, [[programs[0]]] * workers, [10] * workers))  # warm up
         start = time.perf_counter()
-        parts = list(pool.map(_score, chunks, [iterations] * workers, ["sliced"] * workers))
+        parts = list(pool.map(_score, chunks, [iterations] * workers))
         elapsed = time.perf_counter() - start
     rewards = [0.0] * len(programs)
     for i, (part, _) in enumerate(parts):
@@ -143,7 +142,6 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=4000)
     parser.add_argument("--loop-sample", type=int, default=4, help="candidates timed with the per-step loop")
     parser.add_argument("--workers", type=int, default=2, help="processes for the split batch (0: skip)")
-    parser.add_argument("--skip-batched-rule", action="store_true", help="skip the slower BatchedRule run")
     args = parser.parse_args()
     if args.quick:
         args.candidates, args.iterations, args.loop_sample = 128, 200, 2
@@ -166,13 +164,8 @@ def main() -> None:
     loop_wall = statistics.mean(t for t, _ in loop_times) * args.candidates
     loop_cpu = statistics.mean(c for _, c in loop_times) * args.candidates
     results = []
-    sliced_s, sliced_c, sliced_r = batched_seconds(programs, args.iterations, "sliced")
-    results.append(("one batch, SlicedBatchedRule (task default), 1 process", sliced_s, sliced_c))
-    if not args.skip_batched_rule:
-        batched_s, batched_c, batched_r = batched_seconds(programs, args.iterations, "batched")
-        det = [i for i, p in enumerate(programs) if not ({"noise", "drop0.1", "drop0.3", "drop0.5"} & set(p.tokens))]
-        assert all(abs(sliced_r[i] - batched_r[i]) < 1e-9 for i in det), "executors disagree"
-        results.append(("one batch, BatchedRule, 1 process", batched_s, batched_c))
+    batched_s, batched_c, _ = batched_seconds(programs, args.iterations)
+    results.append(("one batch (BatchedRule), 1 process", batched_s, batched_c))
     if args.workers > 1:
         par_s, par_c, _ = parallel_seconds(programs, args.iterations, args.workers)
         results.append((f"batch split over {args.workers} processes (CPU s: slowest)", par_s, par_c))

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from nos_gym.dsl import Program, parse
-from nos_gym.rules import Hyper, Inputs, needed_averages, run_plan, single_plan, update_averages
+from nos_gym.rules import Hyper, Inputs, apply_rule, needed_averages, update_averages
 
 # ------------------------------------------------------------------------- Table 1
 # The 20 rows of the paper's Table 1 (4 baselines, 16 discovered rules) in paper order.
@@ -79,7 +79,6 @@ class NOSOptimizer(torch.optim.Optimizer):
             raise ValueError(f"invalid learning rate {lr}: it must be >= 0")
         self.program = get_rule(rule)
         self.hyper = hyper
-        self._plan = single_plan(self.program)
         self._needs = sorted(needed_averages([self.program]))
         self._seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
@@ -120,7 +119,7 @@ class NOSOptimizer(torch.optim.Optimizer):
                 update_averages(avgs, grads, self.hyper)
                 inp = Inputs(grads, params, avgs.get("m"), avgs.get("v"), avgs.get("y"),
                              step + 1, self.hyper, self._generator(device))
-                direction = run_plan(self._plan, inp)
+                direction = apply_rule(self.program, inp)
                 torch._foreach_add_(params, direction, alpha=-group["lr"])
                 for p in params:
                     self.state[p]["step"] = step + 1

@@ -1,4 +1,4 @@
-"""The fast tasks (Rosenbrock, quadratic), their batched executor, and the task registry."""
+"""The fast tasks (Rosenbrock, quadratic) and the task registry."""
 
 import math
 
@@ -10,7 +10,6 @@ from nos_gym.dsl import Masker, Program, get_space, parse
 from nos_gym.optim import NOSOptimizer, get_rule
 from nos_gym.rules import BatchedRule
 from nos_gym.tasks import Result, Task, available, make, register
-from nos_gym.tasks._sliced import SlicedBatchedRule
 from nos_gym.tasks.quadratic import QuadraticTask
 from nos_gym.tasks.rosenbrock import (
     LEARNING_RATES,
@@ -36,39 +35,6 @@ def _deterministic_programs(n: int, depth: int, space: str, seed: int) -> list[P
         if not any(t in STOCHASTIC for t in p.tokens):
             out.setdefault(p.canonical_key, p)
     return list(out.values())
-
-
-# ------------------------------------------------------------------ the batched executor
-@pytest.mark.parametrize("depth,space", [(1, "full"), (2, "extended"), (3, "full")])
-def test_sliced_executor_computes_what_batched_rule_computes(depth, space):
-    programs = _deterministic_programs(96, depth, space, seed=depth)
-    torch.manual_seed(depth)
-    w0 = torch.randn(96, 2, 3, dtype=torch.float64)
-
-    def train(rule):
-        w = w0.clone()
-        state = rule.init(w)
-        for _ in range(30):
-            grad = 2 * w + 1.5 * torch.sin(3 * w)
-            d, state = rule.update(state, grad, w)
-            w = w - 1e-2 * d
-        return w
-
-    reference, sliced = train(BatchedRule(programs)), train(SlicedBatchedRule(programs))
-    assert torch.isclose(sliced, reference, rtol=1e-12, atol=1e-300, equal_nan=True).all()
-    finite = reference[torch.isfinite(reference).flatten(1).all(1)]
-    assert len({tuple(r.flatten().tolist()) for r in finite}) > 60  # the rules really differ
-
-
-def test_sliced_executor_draws_drop_and_noise_at_the_documented_rates():
-    rule = SlicedBatchedRule([parse(s) for s in ["drop(g, 0.1)", "drop(g, 0.3)", "drop(g, 0.5)", "noise"]],
-                             generator=torch.Generator().manual_seed(3))
-    w = torch.zeros(4, 20_000, dtype=torch.float64)
-    d, _ = rule.update(rule.init(w), torch.ones_like(w), w)
-    zero_fraction = (d[:3] == 0).double().mean(dim=1)
-    torch.testing.assert_close(zero_fraction, torch.tensor([0.1, 0.3, 0.5], dtype=torch.float64), atol=0.015, rtol=0)
-    assert set(d[:3].unique().tolist()) == {0.0, 1.0}
-    assert abs(d[3].std().item() - 0.01) < 3e-4 and abs(d[3].mean().item()) < 3e-4
 
 
 # ------------------------------------------------------------------------- Rosenbrock
@@ -156,12 +122,11 @@ def test_batch_matches_a_per_candidate_nos_optimizer_loop():
     assert math.isfinite(losses[0])
 
 
-def test_mixed_depths_and_executors_agree():
+def test_mixed_depths_in_one_batch_score_as_alone():
     programs = [parse("g"), parse("ADAM"), get_rule("powersign"), _deterministic_programs(1, 3, "full", 9)[0]]
-    sliced = RosenbrockTask(iterations=200).final_losses(programs)
-    batched = RosenbrockTask(iterations=200, executor="batched").final_losses(programs)
-    np.testing.assert_allclose(sliced, batched, rtol=1e-12)
-    assert RosenbrockTask(executor="batched").fingerprint == RosenbrockTask().fingerprint
+    together = RosenbrockTask(iterations=200).final_losses(programs)
+    alone = np.concatenate([RosenbrockTask(iterations=200).final_losses([p]) for p in programs])
+    np.testing.assert_allclose(together, alone, rtol=1e-12)
 
 
 def test_a_rule_that_blows_up_scores_zero_with_a_reason():
@@ -192,8 +157,8 @@ def test_rosenbrock_rejects_bad_options_clearly():
         RosenbrockTask(learning_rates=(0.1, -1.0))
     with pytest.raises(ValueError, match="iterations"):
         RosenbrockTask(iterations=0)
-    with pytest.raises(ValueError, match="executor"):
-        RosenbrockTask(executor="gpu")
+    with pytest.raises(ValueError, match="dtype"):
+        RosenbrockTask(dtype="float16")
 
 
 # -------------------------------------------------------------------------- quadratic

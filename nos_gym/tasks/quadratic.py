@@ -28,11 +28,9 @@ import torch
 
 from nos_gym.dsl import Program
 from nos_gym.rules import BatchedRule, Hyper
-from nos_gym.tasks._sliced import SlicedBatchedRule
 from nos_gym.tasks.base import Result, Task
 from nos_gym.tasks.rosenbrock import grid_results, log_progress
 
-_EXECUTORS = {"sliced": SlicedBatchedRule, "batched": BatchedRule}
 
 
 class QuadraticTask(Task):
@@ -46,7 +44,6 @@ class QuadraticTask(Task):
         learning_rates: the grid; the best final loss over it is scored.
         loss_floor: the loss that earns reward 1.
         seed: seeds the start, the noise sequence, ``drop`` and the rule's ``noise``.
-        executor: "sliced" (default) or "batched" (``BatchedRule``).
     """
 
     name = "quadratic"
@@ -54,7 +51,7 @@ class QuadraticTask(Task):
 
     def __init__(self, dim: int = 100, condition: float = 1e3, noise_std: float = 0.01,
                  iterations: int = 300, learning_rates: Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0),
-                 loss_floor: float = 1e-6, seed: int = 0, executor: str = "sliced"):
+                 loss_floor: float = 1e-6, seed: int = 0):
         if int(dim) < 1 or int(iterations) < 1:
             raise ValueError(f"dim and iterations must be >= 1, got dim={dim}, iterations={iterations}")
         if not condition >= 1:
@@ -64,11 +61,9 @@ class QuadraticTask(Task):
         lrs = tuple(float(lr) for lr in learning_rates)
         if not lrs or not all(lr > 0 and math.isfinite(lr) for lr in lrs):
             raise ValueError(f"learning_rates must be positive finite numbers, got {learning_rates}")
-        if executor not in _EXECUTORS:
-            raise ValueError(f"executor must be one of {sorted(_EXECUTORS)}, got {executor!r}")
         self.dim, self.condition, self.noise_std = int(dim), float(condition), float(noise_std)
         self.iterations, self.learning_rates = int(iterations), lrs
-        self.seed, self.executor = int(seed), executor
+        self.seed = int(seed)
         gen = torch.Generator().manual_seed(self.seed)
         self.curvatures = torch.logspace(-math.log10(self.condition), 0.0, self.dim, dtype=torch.float64)
         self.optimum = torch.randn(self.dim, generator=gen, dtype=torch.float64)
@@ -113,7 +108,7 @@ class QuadraticTask(Task):
         L = len(self.learning_rates)
         rows = [p for p in programs for _ in range(L)]
         R = len(rows)
-        rule = _EXECUTORS[self.executor](rows, Hyper(), generator=torch.Generator().manual_seed(self.seed))
+        rule = BatchedRule(rows, Hyper(), generator=torch.Generator().manual_seed(self.seed))
         params = self.start.repeat(R, 1)
         lr = torch.tensor(self.learning_rates, dtype=torch.float64).repeat(len(programs))
         lr = lr.view(R, 1).expand(R, self.dim).contiguous()

@@ -26,8 +26,8 @@ lower than it started (or diverged at every learning rate), 1 for ``L* <= 1e-12`
 strictly decreasing in ``L*`` in between (each factor 10 is worth 1/13.4 = 0.075).
 
 **Batching.** ``evaluate`` runs all B programs x L learning rates as one vectorised
-computation: a ``(B * L, 2)`` parameter tensor trained by one ``SlicedBatchedRule`` (the
-batched rule compiler, see ``nos_gym.tasks._sliced``); programs of different depths are
+computation: a ``(B * L, 2)`` parameter tensor trained by one ``BatchedRule`` (the
+batched rule compiler, ``nos_gym.rules``); programs of different depths are
 run as one computation per depth. Rows that diverge (NaN or inf parameters, which never
 come back) are dropped from the computation at steps 25, 100, 400 and 1,600, which changes
 no other row's numbers. Everything is seeded (``seed`` drives ``drop`` and
@@ -49,7 +49,6 @@ import torch
 
 from nos_gym.dsl import Program
 from nos_gym.rules import BatchedRule, Hyper
-from nos_gym.tasks._sliced import SlicedBatchedRule
 from nos_gym.tasks.base import Result, Task
 
 START: tuple[float, float] = (-1.2 - math.sqrt(2.0) / 100, 1.0 + math.sqrt(3.0) / 100)
@@ -61,7 +60,6 @@ X_RANGE: tuple[float, float] = (-2.0, 2.0)
 Y_RANGE: tuple[float, float] = (-1.0, 3.0)
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
-_EXECUTORS = {"sliced": SlicedBatchedRule, "batched": BatchedRule}
 
 
 def log_progress(initial_loss: float, best_loss: float, loss_floor: float) -> float:
@@ -120,8 +118,6 @@ class RosenbrockTask(Task):
         loss_floor: the loss that earns reward 1 (the bottom of the log scale).
         seed: seeds ``drop`` and ``noise``.
         dtype: "float64" (default) or "float32".
-        executor: "sliced" (default, ``SlicedBatchedRule``) or "batched" (``BatchedRule``;
-            same numbers for deterministic rules, slower).
     """
 
     name = "rosenbrock"
@@ -129,8 +125,7 @@ class RosenbrockTask(Task):
 
     def __init__(self, iterations: int = ITERATIONS, learning_rates: Sequence[float] = LEARNING_RATES,
                  start: tuple[float, float] = START, a: float = 1.0, b: float = 100.0,
-                 loss_floor: float = LOSS_FLOOR, seed: int = 0, dtype: str = "float64",
-                 executor: str = "sliced"):
+                 loss_floor: float = LOSS_FLOOR, seed: int = 0, dtype: str = "float64"):
         if int(iterations) < 1:
             raise ValueError(f"iterations must be >= 1, got {iterations}")
         lrs = tuple(float(lr) for lr in learning_rates)
@@ -140,8 +135,6 @@ class RosenbrockTask(Task):
             raise ValueError(f"start is a point (x, y), got {start}")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-        if executor not in _EXECUTORS:
-            raise ValueError(f"executor must be one of {sorted(_EXECUTORS)}, got {executor!r}")
         self.iterations = int(iterations)
         self.learning_rates = lrs
         self.start = (float(start[0]), float(start[1]))
@@ -152,10 +145,8 @@ class RosenbrockTask(Task):
         self.loss_floor = float(loss_floor)
         self.seed = int(seed)
         self.dtype = dtype
-        self.executor = executor
 
     def config(self) -> dict[str, Any]:
-        # the executor is left out: it changes speed, not scores (tested)
         return {"iterations": self.iterations, "learning_rates": list(self.learning_rates),
                 "start": list(self.start), "a": self.a, "b": self.b, "loss_floor": self.loss_floor,
                 "seed": self.seed, "dtype": self.dtype}
@@ -214,7 +205,7 @@ class RosenbrockTask(Task):
         rows = [p for p in programs for _ in range(L)]
         R = len(rows)
         generator = torch.Generator().manual_seed(self.seed)
-        rule = _EXECUTORS[self.executor](rows, Hyper(), generator=generator)
+        rule = BatchedRule(rows, Hyper(), generator=generator)
         params = torch.tensor(self.start, dtype=dtype).repeat(R, 1)
         # (R, 2), not (R, 1): broadcasting a column costs 5x a plain kernel at this size
         lr = torch.tensor(lrs, dtype=dtype).repeat(len(programs)).view(R, 1).expand(R, 2).contiguous()
@@ -239,7 +230,7 @@ class RosenbrockTask(Task):
                         keep = torch.nonzero(ok).flatten()
                         rows = [rows[i] for i in keep.tolist()]
                         live, params, lr = live[keep], params[keep].contiguous(), lr[keep].contiguous()
-                        rule = _EXECUTORS[self.executor](rows, Hyper(), generator=generator)
+                        rule = BatchedRule(rows, Hyper(), generator=generator)
                         state = replace(state, averages={k: v[keep].contiguous() for k, v in state.averages.items()})
                         grad, tmp, (x, y), (gx, gy) = self._buffers(params)
                 # df/dy = 2b (y - x^2);  df/dx = 2 (x - a) - 2 x df/dy
