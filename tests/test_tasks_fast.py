@@ -8,8 +8,8 @@ import torch
 
 from nos_gym.dsl import Masker, Program, get_space, parse
 from nos_gym.optim import NOSOptimizer, get_rule
-from nos_gym.rules import BatchedRule
 from nos_gym.tasks import Result, Task, available, make, register
+from nos_gym.tasks.grid import log_progress
 from nos_gym.tasks.quadratic import QuadraticTask
 from nos_gym.tasks.rosenbrock import (
     LEARNING_RATES,
@@ -17,7 +17,7 @@ from nos_gym.tasks.rosenbrock import (
     X_RANGE,
     Y_RANGE,
     RosenbrockTask,
-    log_progress,
+
     rosenbrock,
     rosenbrock_grad,
 )

@@ -13,7 +13,7 @@ The noise sequence is drawn once from ``seed`` and shared by every row (common r
 numbers), so a program's score does not depend on its batch, and rules are compared on
 the same noise. The score is the one of the Rosenbrock task, on the exact (noise-free)
 final loss: ``log_progress(f(w0), L*, loss_floor)``, with ``L*`` the best final loss over
-the grid and ``loss_floor`` = 1e-6 (see ``nos_gym.tasks.rosenbrock.log_progress``).
+the grid and ``loss_floor`` = 1e-6 (see ``nos_gym.tasks.grid.log_progress``).
 
 All B programs x L learning rates run as one ``(B * L, dim)`` computation per depth.
 """
@@ -23,17 +23,15 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from nos_gym.dsl import Program
 from nos_gym.rules import BatchedRule, Hyper
-from nos_gym.tasks.base import Result, Task
-from nos_gym.tasks.rosenbrock import grid_results, log_progress
+from nos_gym.tasks.grid import LossGridTask
 
 
 
-class QuadraticTask(Task):
+class QuadraticTask(LossGridTask):
     """Score rules on a noisy, ill-conditioned quadratic (see the module docstring).
 
     Args:
@@ -84,25 +82,8 @@ class QuadraticTask(Task):
         diff = w - self.optimum
         return 0.5 * (diff * diff * self.curvatures).sum(dim=1)
 
-    def score(self, best_loss: float) -> float:
-        return log_progress(self.initial_loss, best_loss, self.loss_floor)
-
-    def evaluate(self, programs: Sequence[Program]) -> list[Result]:
-        programs = list(programs)
-        if not programs:
-            return []
-        return grid_results(self.final_losses(programs), self.learning_rates, self.score)
-
-    def final_losses(self, programs: Sequence[Program]) -> np.ndarray:
-        """``(B, L)`` array: final loss of each program at each learning rate (NaN if diverged)."""
-        out = np.empty((len(programs), len(self.learning_rates)))
-        by_depth: dict[int, list[int]] = {}
-        for i, p in enumerate(programs):
-            by_depth.setdefault(p.depth, []).append(i)
-        for idx in by_depth.values():
-            loss = self.loss(self._run([programs[i] for i in idx])).view(len(idx), -1)
-            out[idx] = torch.where(torch.isfinite(loss), loss, torch.full_like(loss, float("nan"))).numpy()
-        return out
+    def _grid_losses(self, programs: list[Program]) -> torch.Tensor:
+        return self.loss(self._run(programs)).view(len(programs), -1)
 
     def _run(self, programs: list[Program]) -> torch.Tensor:
         L = len(self.learning_rates)

@@ -42,14 +42,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from nos_gym.dsl import Program
 from nos_gym.rules import BatchedRule, Hyper
-from nos_gym.tasks.base import Result, Task
+from nos_gym.tasks.grid import LossGridTask
 
 START: tuple[float, float] = (-1.2 - math.sqrt(2.0) / 100, 1.0 + math.sqrt(3.0) / 100)
 LEARNING_RATES: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
@@ -60,40 +60,6 @@ X_RANGE: tuple[float, float] = (-2.0, 2.0)
 Y_RANGE: tuple[float, float] = (-1.0, 3.0)
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
-
-
-def log_progress(initial_loss: float, best_loss: float, loss_floor: float) -> float:
-    """``clip(log10(initial / max(best, floor)) / log10(initial / floor), 0, 1)``; 0 if not finite.
-
-    The fraction of the orders of magnitude between the starting loss and ``loss_floor``
-    that a run closed: monotone decreasing in ``best_loss``.
-    """
-    if not math.isfinite(best_loss):
-        return 0.0
-    top = math.log10(initial_loss / loss_floor)
-    return min(1.0, max(0.0, math.log10(initial_loss / max(best_loss, loss_floor)) / top))
-
-
-def grid_results(losses: np.ndarray, learning_rates: Sequence[float],
-                 score: Callable[[float], float]) -> list[Result]:
-    """Results from a ``(B, L)`` array of final losses (NaN: diverged) over a learning-rate grid.
-
-    ``metrics``: ``best_loss`` and ``best_lr`` (None when every run diverged) and
-    ``final_losses`` (learning rate as text -> loss, None for a diverged run).
-    """
-    results = []
-    for row in losses:
-        finite = np.isfinite(row)
-        per_lr = {f"{lr:g}": (float(v) if ok else None) for lr, v, ok in zip(learning_rates, row, finite)}
-        if not finite.any():
-            results.append(Result(0.0, {"best_loss": None, "best_lr": None, "final_losses": per_lr},
-                                  error="diverged at every learning rate (final loss NaN or inf)"))
-            continue
-        best = int(np.argmin(np.where(finite, row, np.inf)))
-        best_loss = float(row[best])
-        results.append(Result(score(best_loss), {"best_loss": best_loss, "best_lr": float(learning_rates[best]),
-                                                 "final_losses": per_lr}))
-    return results
 
 
 def rosenbrock(x: Any, y: Any, a: float = 1.0, b: float = 100.0) -> Any:
@@ -107,7 +73,7 @@ def rosenbrock_grad(x: Any, y: Any, a: float = 1.0, b: float = 100.0) -> tuple[A
     return 2.0 * (x - a) - 4.0 * b * x * t, 2.0 * b * t
 
 
-class RosenbrockTask(Task):
+class RosenbrockTask(LossGridTask):
     """Score rules by minimising 2-D Rosenbrock (see the module docstring for the setup).
 
     Args:
@@ -151,29 +117,9 @@ class RosenbrockTask(Task):
                 "start": list(self.start), "a": self.a, "b": self.b, "loss_floor": self.loss_floor,
                 "seed": self.seed, "dtype": self.dtype}
 
-    # ------------------------------------------------------------------------- scoring
-    def score(self, best_loss: float) -> float:
-        """The documented monotone map of the best final loss onto [0, 1]."""
-        return log_progress(self.initial_loss, best_loss, self.loss_floor)
-
-    def evaluate(self, programs: Sequence[Program]) -> list[Result]:
-        programs = list(programs)
-        if not programs:
-            return []
-        return grid_results(self.final_losses(programs), self.learning_rates, self.score)
-
-    def final_losses(self, programs: Sequence[Program]) -> np.ndarray:
-        """``(B, L)`` array: final loss of each program at each learning rate (NaN if diverged)."""
-        out = np.empty((len(programs), len(self.learning_rates)))
-        by_depth: dict[int, list[int]] = {}
-        for i, p in enumerate(programs):
-            by_depth.setdefault(p.depth, []).append(i)
-        for idx in by_depth.values():
-            final = self._run([programs[i] for i in idx], self.learning_rates)[0]
-            loss = rosenbrock(final[:, 0], final[:, 1], self.a, self.b).view(len(idx), -1)
-            loss = torch.where(torch.isfinite(loss), loss, torch.full_like(loss, float("nan")))
-            out[idx] = loss.double().numpy()
-        return out
+    def _grid_losses(self, programs: list[Program]) -> torch.Tensor:
+        final = self._run(programs, self.learning_rates)[0]
+        return rosenbrock(final[:, 0], final[:, 1], self.a, self.b).view(len(programs), -1)
 
     def path(self, rule: str | Program, lr: float | None = None, iterations: int | None = None) -> np.ndarray:
         """The iterates ``(iterations + 1, 2)`` of one rule, start included.

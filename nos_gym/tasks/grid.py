@@ -1,0 +1,79 @@
+"""Tasks scored by the best final loss over a learning-rate grid (Rosenbrock, quadratic)."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from nos_gym.dsl import Program
+from nos_gym.tasks.base import Result, Task
+
+
+def log_progress(initial_loss: float, best_loss: float, loss_floor: float) -> float:
+    """``clip(log10(initial / max(best, floor)) / log10(initial / floor), 0, 1)``; 0 if not finite.
+
+    The fraction of the orders of magnitude between the starting loss and ``loss_floor``
+    that a run closed: monotone decreasing in ``best_loss``.
+    """
+    if not math.isfinite(best_loss):
+        return 0.0
+    top = math.log10(initial_loss / loss_floor)
+    return min(1.0, max(0.0, math.log10(initial_loss / max(best_loss, loss_floor)) / top))
+
+
+def grid_results(losses: np.ndarray, learning_rates: Sequence[float],
+                 score: Callable[[float], float]) -> list[Result]:
+    """Results from a ``(B, L)`` array of final losses (NaN: diverged) over a learning-rate grid.
+
+    ``metrics``: ``best_loss`` and ``best_lr`` (None when every run diverged) and
+    ``final_losses`` (learning rate as text -> loss, None for a diverged run).
+    """
+    results = []
+    for row in losses:
+        finite = np.isfinite(row)
+        per_lr = {f"{lr:g}": (float(v) if ok else None) for lr, v, ok in zip(learning_rates, row, finite)}
+        if not finite.any():
+            results.append(Result(0.0, {"best_loss": None, "best_lr": None, "final_losses": per_lr},
+                                  error="diverged at every learning rate (final loss NaN or inf)"))
+            continue
+        best = int(np.argmin(np.where(finite, row, np.inf)))
+        best_loss = float(row[best])
+        results.append(Result(score(best_loss), {"best_loss": best_loss, "best_lr": float(learning_rates[best]),
+                                                 "final_losses": per_lr}))
+    return results
+
+
+
+class LossGridTask(Task):
+    """A task that trains every program at every learning rate of ``learning_rates`` and
+    scores the best final loss with ``log_progress(initial_loss, best, loss_floor)``.
+
+    Subclasses set ``learning_rates``, ``initial_loss`` and ``loss_floor`` and implement
+    ``_grid_losses`` for the whole batch at once (programs of any depths together).
+    """
+
+    learning_rates: tuple[float, ...]
+    initial_loss: float
+    loss_floor: float
+
+    def _grid_losses(self, programs: list[Program]) -> torch.Tensor:
+        """``(B, L)`` final losses (any non-finite value means diverged)."""
+        raise NotImplementedError
+
+    def score(self, best_loss: float) -> float:
+        """The documented monotone map of the best final loss onto [0, 1]."""
+        return log_progress(self.initial_loss, best_loss, self.loss_floor)
+
+    def evaluate(self, programs: Sequence[Program]) -> list[Result]:
+        programs = list(programs)
+        if not programs:
+            return []
+        return grid_results(self.final_losses(programs), self.learning_rates, self.score)
+
+    def final_losses(self, programs: Sequence[Program]) -> np.ndarray:
+        """``(B, L)`` array: final loss of each program at each learning rate (NaN if diverged)."""
+        loss = self._grid_losses(list(programs))
+        return torch.where(torch.isfinite(loss), loss, torch.full_like(loss, float("nan"))).double().numpy()
