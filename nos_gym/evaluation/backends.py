@@ -1,0 +1,113 @@
+"""What every pool backend shares: jobs, outcomes, the in-process backend.
+
+A *job* is a list of programs that one worker scores with one ``task.evaluate`` call (so a
+GPU worker can train them as one grouped network). A backend runs jobs and reports
+*outcomes*: the job's results, or why it failed. Retrying a job whose worker died is the
+backend's business (it knows whether a worker died); the ``Evaluator`` above it only
+sees final outcomes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from abc import ABC, abstractmethod
+from collections import deque
+from dataclasses import dataclass
+from typing import Sequence
+
+from nos_gym.dsl import Program
+from nos_gym.tasks.base import Result, Task
+
+
+@dataclass
+class Job:
+    """Programs scored together by one worker."""
+
+    id: int
+    programs: list[Program]
+    #: seconds the job may run once started (None: no limit)
+    time_limit: float | None = None
+    #: times a worker died while running this job
+    crashes: int = 0
+
+
+@dataclass
+class Outcome:
+    """How a job ended: ``status`` is "ok" (``results`` set), "timeout", "crashed" or "error" (``error`` set)."""
+
+    job: Job
+    status: str
+    results: list[Result] | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def attempts(self) -> int:
+        """Times the job was started: each crash was one, and so is a final run that ended otherwise."""
+        return self.job.crashes + (self.status != "crashed")
+
+
+def run_job(task: Task, programs: Sequence[Program | Sequence[str]]) -> list[Result]:
+    """Score programs (or token lists, what workers receive); checks the task kept its contract."""
+    programs = [p if isinstance(p, Program) else Program(tuple(p)) for p in programs]
+    results = task.evaluate(programs)
+    if len(results) != len(programs) or not all(isinstance(r, Result) for r in results):
+        raise RuntimeError(f"{type(task).__name__}.evaluate returned {len(results)} items for {len(programs)} "
+                           f"programs; it must return one Result per program")
+    return list(results)
+
+
+def cpu_count() -> int:
+    """CPUs this process may use (respects affinity masks and container limits)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class Backend(ABC):
+    """Runs jobs. ``slots`` jobs may run at once; the Evaluator never has more in flight."""
+
+    name = "backend"
+    slots = 1
+
+    @abstractmethod
+    def submit(self, job: Job) -> None:
+        """Start ``job`` (there is a free slot)."""
+
+    @abstractmethod
+    def poll(self, timeout: float | None) -> list[Outcome]:
+        """Outcomes of jobs that ended, waiting up to ``timeout`` seconds (None: until one ends)."""
+
+    def close(self) -> None:
+        """Stop workers; jobs still running are abandoned."""
+
+
+class SerialBackend(Backend):
+    """Runs jobs in this process, one per ``poll``: no isolation and no time limit (a hang hangs).
+
+    The choice for cheap tasks, where starting a worker costs more than the work, and for
+    debugging. A task exception is reported as an "error" outcome, not raised.
+    """
+
+    name = "serial"
+    slots = 1
+
+    def __init__(self, task: Task):
+        self.task = task
+        self._queue: deque[Job] = deque()
+
+    def submit(self, job: Job) -> None:
+        self._queue.append(job)
+
+    def poll(self, timeout: float | None) -> list[Outcome]:
+        if not self._queue:
+            return []
+        job = self._queue.popleft()
+        t0 = time.perf_counter()
+        try:
+            return [Outcome(job, "ok", run_job(self.task, job.programs), seconds=time.perf_counter() - t0)]
+        except Exception:
+            return [Outcome(job, "error", error=traceback.format_exc(limit=8), seconds=time.perf_counter() - t0)]

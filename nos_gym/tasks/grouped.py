@@ -1,0 +1,200 @@
+"""B child networks trained at once as one grouped network, each with its own rule and rate.
+
+A child of the paper's task is tiny (30k weights, 32 filters): trained alone it leaves a
+GPU idle and a CPU core waiting on small kernels. Here B children are one network:
+
+- conv1 is one convolution with B*32 output channels (every child reads the same images);
+- conv2 is one convolution with ``groups=B``: child i's 32 channels only see child i's;
+- batch norm over B*32 channels is per child already (statistics are per channel);
+- the B linear heads are one ``baddbmm`` over (B, N, 2048) x (B, 2048, 10).
+
+All weights live in one (B, P) tensor, row i holding child i in ``ChildNet`` order, so
+the B update rules run as one ``BatchedRule`` call per step and the learning rates are a
+(B,) vector. The loss is the sum of the children's mean losses, so each row's gradient
+is exactly its own child's gradient. Every child sees the same minibatches.
+
+A child whose loss or weights become non-finite is frozen (its row is zeroed and no
+longer updated) without a host sync; the group stops early once every child is frozen.
+Activations are channels_last by default, on CPU too: there batch norm, pooling and
+ReLU over B*32 channels run ~2x faster in that layout. On CUDA, ``precision="bf16"``
+runs the forward and backward under bf16 autocast, while weights, gradients and the
+rules stay in fp32.
+
+In fp32 the grouped network computes what B separate ``ChildNet`` s trained with
+``NOSOptimizer`` compute, up to float rounding (tests/test_convnet.py checks B=4).
+Rules with ``drop``/``noise`` draw their randomness for the whole group at once, so they
+match their lone runs in distribution only.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nos_gym.data import Split, normalize
+from nos_gym.dsl import Program
+from nos_gym.rules import BatchedRule, Hyper
+from nos_gym.tasks.convnet import batch_order, init_child, layout
+
+BN_MOMENTUM, BN_EPS = 0.1, 1e-5  # nn.BatchNorm2d's defaults, as in ChildNet
+
+
+class GroupedConvNet(nn.Module):
+    """``B`` ChildNets as one network; ``forward(x)`` gives logits of shape (B, N, 10)."""
+
+    def __init__(self, children: int, init: Tensor, filters: int = 32, channels_last: bool = False):
+        super().__init__()
+        if children < 1:
+            raise ValueError(f"a group needs at least one child, got {children}")
+        self.children_count, self.filters, self.channels_last = children, filters, channels_last
+        self._slices: dict[str, tuple[slice, tuple[int, ...]]] = {}
+        offset = 0
+        for name, shape in layout(filters):
+            n = math.prod(shape)
+            self._slices[name] = (slice(offset, offset + n), shape)
+            offset += n
+        init = init.float()
+        if init.dim() == 1:
+            init = init.unsqueeze(0).expand(children, -1)
+        if tuple(init.shape) != (children, offset):
+            raise ValueError(f"init must have shape ({offset},) or ({children}, {offset}), got {tuple(init.shape)}")
+        self.flat = nn.Parameter(init.clone().contiguous())
+        c = children * filters
+        for k in (1, 2):
+            self.register_buffer(f"running_mean{k}", torch.zeros(c, device=init.device))
+            self.register_buffer(f"running_var{k}", torch.ones(c, device=init.device))
+
+    def param(self, name: str) -> Tensor:
+        """Weight ``name`` of every child, shaped (B, *shape) (a differentiable copy of the flat rows)."""
+        sl, shape = self._slices[name]
+        return self.flat[:, sl].reshape(self.children_count, *shape)
+
+    def _conv(self, x: Tensor, name: str, groups: int) -> Tensor:
+        w = self.param(name)
+        w = w.reshape(-1, *w.shape[2:])  # (B*filters, in, 3, 3)
+        if self.channels_last:
+            w = w.contiguous(memory_format=torch.channels_last)
+        return F.conv2d(x, w, padding=1, groups=groups)
+
+    def _bn(self, x: Tensor, k: int) -> Tensor:
+        return F.batch_norm(x, getattr(self, f"running_mean{k}"), getattr(self, f"running_var{k}"),
+                            self.param(f"bn{k}.weight").reshape(-1), self.param(f"bn{k}.bias").reshape(-1),
+                            training=self.training, momentum=BN_MOMENTUM, eps=BN_EPS)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = self.children_count
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        # max-pool before ReLU: they commute, and ReLU then runs on a 4x smaller tensor
+        h = F.relu(F.max_pool2d(self._bn(self._conv(x, "conv1.weight", 1), 1), 2))
+        h = F.relu(F.max_pool2d(self._bn(self._conv(h, "conv2.weight", b), 2), 2))
+        feats = h.reshape(h.shape[0], b, -1).transpose(0, 1)  # (B, N, filters*8*8), ChildNet's flatten order
+        w, bias = self.param("fc.weight"), self.param("fc.bias")  # (B, 10, in), (B, 10)
+        return torch.baddbmm(bias.unsqueeze(1).to(feats.dtype), feats, w.transpose(1, 2).to(feats.dtype))
+
+
+class GroupResult(NamedTuple):
+    """Per child (CPU tensors of shape (B,)): validation accuracy, diverged, last training loss."""
+
+    accuracy: Tensor
+    diverged: Tensor
+    loss: Tensor
+    steps: int
+    child_images: int
+    net: GroupedConvNet
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if precision != "fp32":
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    return nullcontext()
+
+
+def per_child_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy of each child: logits (B, N, 10), labels (N,) -> (B,), in fp32."""
+    b, n, c = logits.shape
+    losses = F.cross_entropy(logits.float().reshape(b * n, c), labels.repeat(b), reduction="none")
+    return losses.view(b, n).mean(1)
+
+
+def train_children(programs: Sequence[Program], lrs: Sequence[float] | Tensor, train: Split, val: Split, *,
+                   epochs: int, batch_size: int, seed: int = 0, filters: int = 32, precision: str = "fp32",
+                   hyper: Hyper = Hyper(), init: Tensor | None = None, channels_last: bool = True,
+                   check_every: int = 20) -> GroupResult:
+    """Train child i with ``programs[i]`` at ``lrs[i]`` on all of ``train``; all children at once.
+
+    Every child starts from ``init`` (default ``init_child(seed)``) and sees the same
+    minibatches (``batch_order(len(train), batch_size, epochs, seed)``); the result holds
+    each child's accuracy on ``val`` (0 for a diverged child).
+    """
+    b = len(programs)
+    if b == 0:
+        raise ValueError("train_children needs at least one program")
+    if len(lrs) != b:
+        raise ValueError(f"{b} programs but {len(lrs)} learning rates")
+    device = train.images.device
+    init = (init if init is not None else init_child(seed, filters)).to(device)
+    net = GroupedConvNet(b, init, filters, channels_last).to(device).train()
+    lr = torch.as_tensor(lrs, dtype=torch.float32, device=device).view(b, 1)
+    rule = BatchedRule(programs, hyper=hyper, generator=torch.Generator(device=device).manual_seed(int(seed)),
+                       device=device)
+    flat = net.flat
+    state = rule.init(flat.detach())
+    alive = torch.ones(b, 1, dtype=torch.bool, device=device)
+    last_loss = torch.full((b,), float("nan"), device=device)
+    steps = 0
+    # all minibatch indices in one copy: a host-to-GPU copy per step would stall the GPU's queue
+    order = torch.stack(batch_order(len(train), batch_size, epochs, seed)).to(device)
+    for idx in order:
+        # rules blow up early: look after steps 1, 2, 4, 8, ... and then every check_every steps
+        # (each look is a host sync, which a GPU pays for)
+        if steps and (steps & (steps - 1) == 0 or steps % check_every == 0) and not bool(alive.any()):
+            break  # every child has diverged: stop early
+        x, y = normalize(train.images[idx]), train.labels[idx]
+        with _autocast(device, precision):
+            logits = net(x)
+        losses = per_child_loss(logits, y)
+        alive &= torch.isfinite(losses).view(b, 1)
+        last_loss = losses.detach()
+        flat.grad = None
+        torch.where(alive.view(b), losses, 0.0).sum().backward()
+        with torch.no_grad():
+            d, state = rule.update(state, flat.grad, flat)
+            new = flat - torch.where(alive, lr * d, 0.0)
+            alive &= torch.isfinite(new).all(1, keepdim=True)
+            # a frozen child keeps all-zero weights: finite, so it cannot disturb anything
+            flat.copy_(torch.where(alive, new, 0.0))
+        steps += 1
+    if bool(alive.any()):
+        acc, finite = evaluate_children(net, val, batch_size, precision)
+    else:  # nothing to validate
+        acc, finite = torch.zeros(b, device=device), torch.zeros(b, dtype=torch.bool, device=device)
+    diverged = ~(alive.view(b) & finite)
+    acc = torch.where(diverged, 0.0, acc)
+    return GroupResult(acc.cpu(), diverged.cpu(), last_loss.cpu(), steps, steps * batch_size * b, net)
+
+
+@torch.no_grad()
+def evaluate_children(net: GroupedConvNet, val: Split, batch_size: int, precision: str = "fp32") -> tuple[Tensor, Tensor]:
+    """Each child's accuracy on ``val`` (batch-norm running statistics) and whether its logits were finite."""
+    was_training = net.training
+    net.eval()
+    device = val.images.device
+    b = net.children_count
+    correct = torch.zeros(b, device=device)
+    finite = torch.ones(b, dtype=torch.bool, device=device)
+    for start in range(0, len(val), batch_size):
+        x, y = normalize(val.images[start:start + batch_size]), val.labels[start:start + batch_size]
+        with _autocast(device, precision):
+            logits = net(x).float()
+        finite &= torch.isfinite(logits).flatten(1).all(1)
+        correct += (logits.argmax(2) == y.unsqueeze(0)).sum(1)
+    net.train(was_training)
+    return correct / len(val), finite

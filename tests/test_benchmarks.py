@@ -1,0 +1,211 @@
+"""The reproduction benchmarks (benchmarks/): smoke presets end to end, their tables, figures and numbers."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.image as mpimg  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import _common  # noqa: E402
+import convnet_transfer  # noqa: E402
+import rosenbrock_figure6  # noqa: E402
+import wrn_transfer  # noqa: E402
+from nos_gym.data import load_cifar10  # noqa: E402
+from nos_gym.dsl import parse  # noqa: E402
+from nos_gym.optim import table1  # noqa: E402
+from nos_gym.tasks.grouped import train_children  # noqa: E402
+from nos_gym.tasks.rosenbrock import START, rosenbrock, rosenbrock_grad  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # deterministic kernels; the 2-core box is shared
+    yield
+    torch.set_num_threads(before)
+    plt.close("all")
+
+
+def assert_png(path: Path, min_side: int = 200) -> None:
+    """A real image: readable, big enough, not one flat colour."""
+    assert path.exists() and path.stat().st_size > 5_000
+    img = mpimg.imread(path)
+    assert img.shape[0] >= min_side and img.shape[1] >= min_side
+    assert float(img[..., :3].std()) > 0.02
+
+
+# ------------------------------------------------------------------- Table 1 bookkeeping
+def test_table1_metrics_follow_the_papers_definitions():
+    run = _common.Run("x", 0.1)
+    for epoch, val, test in [(1, 0.50, 0.40), (2, 0.70, 0.61), (3, 0.70, 0.66), (4, 0.65, 0.64)]:
+        run.add(epoch, val, test)
+    m = _common.table1_metrics(run)
+    assert (m.final_val, m.final_test) == (0.65, 0.64)
+    # best val 0.70 first reached at epoch 2: Best Test is the test accuracy *there*, not the best test
+    assert (m.best_val, m.best_test, m.best_epoch) == (0.70, 0.61, 2)
+
+
+def test_select_run_picks_best_val_and_skips_diverged_runs():
+    def run(lr, vals, diverged=False):
+        r = _common.Run("x", lr, diverged=diverged)
+        for k, v in enumerate(vals):
+            r.add(k + 1, v, v - 0.01)
+        return r
+
+    a, b, c = run(1e-3, [0.5, 0.6]), run(1e-2, [0.7, 0.55]), run(1e-1, [0.9], diverged=True)
+    assert _common.select_run([a, b, c]).lr == 1e-2  # best val 0.70; the diverged 0.9 is not eligible
+    assert _common.select_run([a, b, c], select="final").lr == 1e-3  # final val 0.60 > 0.55
+    assert _common.select_run([c]).lr == 1e-1  # all diverged: still a row
+    tie = run(1e-4, [0.7, 0.55])
+    assert _common.select_run([b, tie]).lr == 1e-4  # equal numbers: the smaller rate
+
+
+# ---------------------------------------------------------------------------- Rosenbrock
+def test_rosenbrock_smoke_end_to_end(tmp_path):
+    out = rosenbrock_figure6.main(["--preset", "smoke", "--out", str(tmp_path), "--no-progress"])
+    cfg, res = out["config"], out["results"]
+    assert set(res) == {"PowerSign", "Adam", "SGD", "RMSProp", "Momentum"}
+    f0 = rosenbrock(*START)
+    for name, r in res.items():
+        assert math.isfinite(r["best_loss"]) and r["best_loss"] < f0 / 5, name  # every one makes progress
+        assert r["best_loss"] == min(v for v in r["final"].values() if math.isfinite(v))
+    # Adam: every (eps, rate) pair was run
+    assert len(res["Adam"]["final"]) == len(cfg["adam_eps"]) * len(cfg["learning_rates"])
+    # the torch PowerSign and the language's rule (what the environment scores) agree
+    assert out["powersign_rel_diff"] < 1e-9 and out["powersign_same_divergence"]
+
+    main_table, eps_table, env_table = out["tables"]
+    for name in res:
+        assert f"| {name}" in main_table
+    assert len(eps_table.splitlines()) == 2 + len(cfg["adam_eps"])
+    assert len(env_table.splitlines()) == 2 + 5
+    assert "wall time" in out["text"] and "preset: smoke" in out["text"]
+
+    fig6 = out["figures"]["figure6"]
+    assert len(fig6.axes) == 5
+    for ax, name in zip(fig6.axes, rosenbrock_figure6.PANELS):
+        assert ax.get_title().startswith(name)
+        path = [ln for ln in ax.get_lines() if ln.get_label() == "path"]
+        assert len(path) == 1 and len(path[0].get_xdata()) == cfg["iterations"] + 1
+        assert ax.collections, "contour lines missing"
+    curves = out["figures"]["loss_curves"]
+    assert len(curves.axes) == 1 and len(curves.axes[0].get_lines()) == 5
+    for key in ("figure6", "loss_curves"):
+        assert_png(out["paths"][key])
+    assert (tmp_path / "report.txt").read_text().startswith("Rosenbrock")
+
+
+def test_rosenbrock_harness_matches_a_hand_written_gradient_descent():
+    w = np.array(START)
+    for _ in range(300):
+        w = w - 1e-3 * np.array(rosenbrock_grad(w[0], w[1]))
+    trace = rosenbrock_figure6.run_torch(rosenbrock_figure6.OPTIMIZERS["SGD"][0], [{"lr": 1e-3}], 300)
+    np.testing.assert_allclose(trace[-1, 0], w, rtol=1e-12)
+
+
+# -------------------------------------------------------------------------------- ConvNet
+def test_convnet_smoke_end_to_end(tmp_path):
+    out = convnet_transfer.main(["--preset", "smoke", "--out", str(tmp_path), "--no-progress"])
+    cfg, runs = out["config"], out["runs"]
+    assert list(runs) == convnet_transfer.FIGURE5_RULES
+    for name, rs in runs.items():
+        assert [r.lr for r in rs] == cfg["lrs"]
+        for r in rs:
+            if not r.diverged:  # 1 epoch, 2 evaluations: at half an epoch and at the end
+                assert r.epochs == [0.5, 1.0]
+            assert all(0.0 <= v <= 1.0 for v in r.val + r.test)
+    # some child learned something: above chance on 50 validation images
+    assert max(max(r.val) for rs in runs.values() for r in rs if r.val) > 0.12
+    table_lines = out["table"].splitlines()
+    assert len(table_lines) == 2 + len(runs)
+    for name, r in out["chosen"].items():
+        m = _common.table1_metrics(r)
+        row = next(line for line in table_lines if line.startswith(f"| {name} "))
+        assert f"{100 * m.best_val:.1f}" in row and f"{100 * m.final_test:.1f}" in row
+    assert len(out["lr_table"].splitlines()) == 2 + len(runs)
+
+    fig5 = out["figures"]["figure5"]
+    assert len(fig5.axes) == 2
+    for ax, opt in zip(fig5.axes, ("optimizer_1", "optimizer_2")):
+        labels = [ln.get_label().split(" ")[0] for ln in ax.get_lines()]
+        assert sorted(labels) == sorted(["adam", "mom", "rmsprop", "sgd", opt])
+    assert len(out["figures"]["all_rules"].axes[0].get_lines()) == len(runs)
+    for key in ("figure5", "all_rules"):
+        assert_png(out["paths"][key])
+    saved = json.loads((tmp_path / "runs.json").read_text())
+    assert sum(len(v) for v in saved["runs"].values()) == len(runs) * len(cfg["lrs"])
+    assert "device cpu" in out["text"] and "100 training images" in out["text"]
+
+
+def test_convnet_curves_trainer_matches_the_grouped_trainer():
+    """train_curves (with accuracy curves, dropping diverged children) == train_children at the end."""
+    ds = load_cifar10(SHARED)
+    train, val = ds.train.take(200), ds.val.take(100)
+    exploding = parse("exp(g / v)")  # inf at the first step: dropped from the group at once
+    programs = [parse("ADAM"), exploding, parse(table1()["powersign"]), parse("g")]
+    lrs = [1e-3, 1e-2, 1e-2, 1e-1]
+    ref = train_children(programs, lrs, train, val, epochs=2, batch_size=50)
+    curves = convnet_transfer.train_curves(programs, lrs, train, val, ds.test.take(100), epochs=2, batch_size=50,
+                                           evals_per_epoch=1, check_every=1)
+    assert [c["diverged"] for c in curves] == ref.diverged.tolist() == [False, True, False, False]
+    assert curves[1]["val"] == []
+    for i in (0, 2, 3):
+        assert curves[i]["epochs"] == [1.0, 2.0]
+        # equal up to float rounding (a smaller group may pick other conv kernels): at most one image of 100
+        assert curves[i]["val"][-1] == pytest.approx(float(ref.accuracy[i]), abs=0.0101)
+
+
+def test_convnet_table_covers_all_twenty_rows_with_the_cpu_preset_grid():
+    cfg = convnet_transfer.PRESETS["cpu"]
+    assert cfg["rules"] == "all" and len(table1()) == 20
+    assert cfg["lrs"] == [10.0 ** i for i in range(-5, 2)]  # 7 rates on a log grid, as the paper
+
+
+# ------------------------------------------------------------------------------------ WRN
+def test_wrn_architecture():
+    assert sum(p.numel() for p in wrn_transfer.WideResNet(28, 10).parameters()) == pytest.approx(36.5e6, rel=0.01)
+    assert wrn_transfer.WideResNet(16, 4).name == "WRN-16-4"
+    with pytest.raises(ValueError, match="6n \\+ 4"):
+        wrn_transfer.WideResNet(27, 10)
+
+
+def test_wrn_smoke_stop_and_resume(tmp_path):
+    full = wrn_transfer.main(["--preset", "smoke", "--out", str(tmp_path / "full"), "--no-progress"])
+    cfg = full["config"]
+    assert full["complete"] and full["architecture"] == "WRN-10-1" and "WRN-10-1" in full["text"]
+    n_runs = len(cfg["rules"]) * len(cfg["lrs"])
+    assert sum(len(v) for v in full["runs"].values()) == n_runs
+    for rs in full["runs"].values():
+        for r in rs:
+            assert r.diverged or r.epochs == [1.0, 2.0]
+    assert len(full["table"].splitlines()) == 2 + len(cfg["rules"])
+    assert "92.0" in full["table"]  # the paper's SGD Final Val beside ours
+    fig = full["figures"]["figure7"]
+    assert len(fig.axes) == 2
+    # smoke trains sgd and optimizer_1: panel 1 has both curves, panel 2 (optimizer_2) only sgd
+    assert [len(ax.get_lines()) for ax in fig.axes] == [2, 1]
+    assert_png(full["paths"]["figure7"])
+
+    # 3 epochs: the first run (2 epochs) and half of the second, then stop ...
+    part = tmp_path / "part"
+    stopped = wrn_transfer.main(["--preset", "smoke", "--out", str(part), "--no-progress", "--stop-after", "3"])
+    assert not stopped["complete"] and (part / "checkpoint.pt").exists()
+    assert sum(len(v) for v in stopped["runs"].values()) == 1 and "--resume" in stopped["text"]
+    # ... and resume: the same curves as the uninterrupted invocation, to the last digit
+    resumed = wrn_transfer.main(["--preset", "smoke", "--out", str(part), "--no-progress", "--resume"])
+    assert resumed["complete"] and not (part / "checkpoint.pt").exists()
+    for name, rs in full["runs"].items():
+        assert [r.to_dict() for r in resumed["runs"][name]] == [r.to_dict() for r in rs]

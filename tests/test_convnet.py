@@ -1,0 +1,181 @@
+"""The paper's child task: protocol presets, the "ci" scores, grouped training == one-by-one."""
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nos_gym.data import load_cifar10, normalize
+from nos_gym.dsl import parse
+from nos_gym.tasks import make
+from nos_gym.tasks.convnet import PRESETS, ChildNet, ConvNetTask, Protocol, init_child, train_child
+from nos_gym.tasks.grouped import GroupedConvNet, per_child_loss, train_children
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+ADAM, SGD, POWERSIGN = parse("ADAM"), parse("g"), parse("g * exp(sign(g) * sign(m))")
+# exp(g / v-hat) = exp(~1/g): inf for small positive gradients at the first step, at any rate
+EXPLODING = parse("exp(g / v)")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # deterministic kernels, and the 2-core CI box is shared
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ds():
+    return load_cifar10(SHARED)
+
+
+# ----------------------------------------------------------------------------- protocol
+def test_paper_preset_is_section_4_2():
+    p = PRESETS["paper"]
+    assert p.lrs == tuple(10.0 ** i for i in range(-5, 2))
+    assert (p.sweep_examples, p.sweep_epochs, p.train_examples, p.train_epochs) == (10_000, 1, 45_000, 5)
+    assert (p.val_examples, p.batch_size, p.filters) == (5_000, 100, 32)
+    assert p.child_images == 295_000
+    assert PRESETS["fast"].child_images < p.child_images / 4
+    assert PRESETS["ci"].child_images <= 4_000
+
+
+def test_protocol_from_dict_and_yaml(tmp_path):
+    assert Protocol.from_dict({"preset": "ci", "train_epochs": 3}) == Protocol.preset("ci", train_epochs=3)
+    path = tmp_path / "proto.yaml"
+    path.write_text("preset: fast\nlrs: [0.001, 0.1]\nseed: 7\n")
+    p = Protocol.from_yaml(path)
+    assert p.lrs == (1e-3, 0.1) and p.seed == 7 and p.train_examples == PRESETS["fast"].train_examples
+    assert ConvNetTask(preset=str(path), data_dir=SHARED).protocol == p
+    assert ConvNetTask(preset=p.to_dict(), data_dir=SHARED).protocol == p
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"train_epochs": 0}, "train_epochs"),
+    ({"lrs": []}, "lrs"),
+    ({"lrs": [0.1, -1.0]}, "lrs"),
+    ({"batch_size": 5_000, "sweep_examples": 1_000}, "batch_size"),
+    ({"val_examples": 6_000}, "validation split"),
+    ({"learning_rate": 0.1}, "unknown protocol fields"),
+])
+def test_bad_protocols_are_rejected(bad, match):
+    with pytest.raises(ValueError, match=match):
+        Protocol.from_dict(bad)
+
+
+def test_unknown_preset_and_precision_are_rejected():
+    with pytest.raises(ValueError, match="paper"):
+        make("convnet-cifar10", preset="huge")
+    with pytest.raises(ValueError, match="precision"):
+        make("convnet-cifar10", preset="ci", precision="fp8")
+
+
+def test_fingerprint_names_protocol_precision_and_data():
+    ci = make("convnet-cifar10", preset="ci", data_dir=SHARED, device="cpu")
+    assert ci.fingerprint == make("convnet-cifar10", preset="ci", data_dir=SHARED, device="cpu").fingerprint
+    assert ci.fingerprint != make("convnet-cifar10", preset="ci", data_dir=SHARED, seed=1).fingerprint
+    assert ci.fingerprint != make("convnet-cifar10", preset="paper", data_dir=SHARED).fingerprint
+    assert ci.fingerprint != make("convnet-cifar10", preset="ci", data_dir=SHARED, precision="bf16").fingerprint
+    # grouping is an execution detail, not part of the setup
+    assert ci.fingerprint == make("convnet-cifar10", preset="ci", data_dir=SHARED, rules_per_group=3).fingerprint
+    assert len(ci.config()["data"]) == 16
+
+
+# ------------------------------------------------------------------------ the "ci" task
+def test_ci_preset_scores_known_optimizers_above_chance_and_an_exploding_rule_zero():
+    task = make("convnet-cifar10", preset="ci", data_dir=SHARED, device="cpu")
+    t0 = time.perf_counter()
+    adam, sgd, powersign, boom = task.evaluate([ADAM, SGD, POWERSIGN, EXPLODING])
+    seconds = time.perf_counter() - t0
+    for name, r in [("adam", adam), ("sgd", sgd), ("powersign", powersign)]:
+        assert r.reward > 0.25, (name, r)  # chance is 0.1
+        assert r.error is None and r.metrics["diverged"] is False
+        assert r.metrics["lr"] in task.protocol.lrs and r.metrics["child_images"] == task.protocol.child_images
+    assert adam.metrics["lr"] == 1e-3 and sgd.metrics["lr"] == 0.1  # the sweep picks sensible rates
+    assert boom.reward == 0.0 and boom.metrics["diverged"] is True
+    assert all(v is None for v in boom.metrics["sweep"].values())
+    assert seconds < 60, f"the ci preset should take seconds on a CPU, took {seconds:.0f}s"
+
+
+def test_rejects_non_programs():
+    task = make("convnet-cifar10", preset="ci", data_dir=SHARED)
+    with pytest.raises(TypeError, match="Program"):
+        task.evaluate(["ADAM"])
+    assert task.evaluate([]) == []
+
+
+# ----------------------------------------------------------------- grouped == one by one
+def test_grouped_network_computes_what_separate_children_compute(ds):
+    """Different weights per child, so any mixing of children's channels would show."""
+    inits = torch.stack([init_child(seed) for seed in range(4)])
+    group = GroupedConvNet(4, inits, channels_last=True)
+    kids = [ChildNet().load_flat(inits[i]) for i in range(4)]
+    x, y = normalize(ds.train.images[:20]), ds.train.labels[:20]
+    logits = group(x)
+    per_child_loss(logits, y).sum().backward()
+    for i, kid in enumerate(kids):
+        out = kid(x)
+        F.cross_entropy(out, y).backward()
+        grad = torch.cat([p.grad.reshape(-1) for p in kid.parameters()])
+        assert torch.allclose(logits[i], out, atol=1e-5), i
+        assert torch.allclose(group.flat.grad[i], grad, atol=1e-6), i
+        assert torch.allclose(group.running_mean2.view(4, -1)[i], kid.bn2.running_mean, atol=1e-6)
+        assert torch.allclose(group.running_var1.view(4, -1)[i], kid.bn1.running_var, atol=1e-6)
+    assert not torch.allclose(logits[0], logits[1], atol=1e-2)
+
+
+def test_grouped_training_matches_one_by_one_training_b4_fp32(ds):
+    programs = [ADAM, SGD, POWERSIGN, parse("RMSProp")]
+    lrs = [1e-3, 1e-1, 1e-2, 1e-3]
+    train, val = ds.train.take(500), ds.val.take(250)
+    one_step = train_children(programs, lrs, train.take(50), val.take(50), epochs=1, batch_size=50)
+    group = train_children(programs, lrs, train, val, epochs=1, batch_size=50)
+    assert group.steps == 10 and group.child_images == 4 * 500
+    flats = group.net.flat.detach()
+    for i, (program, lr) in enumerate(zip(programs, lrs)):
+        alone1, net1 = train_child(program, lr, train.take(50), val.take(50), epochs=1, batch_size=50)
+        assert torch.allclose(net1.flat(), one_step.net.flat[i].detach(), atol=1e-5), program
+        alone, net = train_child(program, lr, train, val, epochs=1, batch_size=50)
+        # ten steps amplify float rounding a little (sign(g) of tiny gradients); still far below
+        # the differences between rules
+        err = (net.flat() - flats[i]).abs().mean() / net.flat().abs().mean()
+        assert err < 1e-2, (program, float(err))
+        assert abs(alone.loss - float(group.loss[i])) < 1e-2 * alone.loss, program
+        assert abs(alone.accuracy - float(group.accuracy[i])) <= 0.02, program
+        assert not alone.diverged and not bool(group.diverged[i])
+    # the four rules really trained four different networks
+    spread = (flats[0] - flats[1]).abs().mean() / flats[0].abs().mean()
+    assert spread > 0.1
+
+
+def test_a_diverging_child_does_not_disturb_its_group(ds):
+    train, val = ds.train.take(300), ds.val.take(100)
+    mixed = train_children([EXPLODING, ADAM], [1e-3, 1e-3], train, val, epochs=1, batch_size=50)
+    alone = train_children([ADAM], [1e-3], train, val, epochs=1, batch_size=50)
+    assert mixed.diverged.tolist() == [True, False] and mixed.accuracy[0] == 0.0
+    assert torch.isfinite(mixed.net.flat).all()  # frozen at zero, not NaN
+    assert torch.allclose(mixed.net.flat[1], alone.net.flat[0], atol=1e-6)
+    assert float(mixed.accuracy[1]) == float(alone.accuracy[0])
+
+
+def test_all_diverged_group_stops_early(ds):
+    res = train_children([EXPLODING] * 2, [1e-5, 1e-1], ds.train.take(2_000), ds.val.take(50),
+                         epochs=1, batch_size=50)
+    assert res.diverged.all() and res.steps == 1  # of 40: dead after the first step
+    assert res.accuracy.tolist() == [0.0, 0.0]
+
+
+def test_bf16_autocast_path_runs_and_stays_close_to_fp32(ds):
+    """The GPU path (bf16 autocast + channels_last), exercised on CPU autocast."""
+    train, val = ds.train.take(200), ds.val.take(100)
+    fp32 = train_children([ADAM, SGD], [1e-3, 1e-1], train, val, epochs=1, batch_size=50)
+    bf16 = train_children([ADAM, SGD], [1e-3, 1e-1], train, val, epochs=1, batch_size=50, precision="bf16")
+    assert bf16.net.flat.dtype == torch.float32  # weights and rules stay fp32
+    assert not bf16.diverged.any()
+    assert torch.allclose(bf16.loss, fp32.loss, rtol=0.05)
+    with pytest.raises(ValueError, match="precision"):
+        train_children([ADAM], [1e-3], train, val, epochs=1, batch_size=50, precision="fp16")
