@@ -1,0 +1,90 @@
+"""What the agent scripts in ``agents/`` share: settings, the LSTM controller, rollouts, runs.
+
+The agents themselves are single readable files in the repository's ``agents/`` folder
+(CleanRL's manner), each runnable as ``python agents/NAME.py`` and by
+``nos-gym search --agent NAME``:
+
+- ``trpo_lstm``: the paper's controller (LSTM, TRPO, EMA baseline, entropy penalty);
+- ``reinforce_lstm``: the same LSTM trained with REINFORCE (Zoph and Le 2017);
+- ``random_search``: masked uniform sampling;
+- ``evolution``: regularized (aging) evolution with mask-respecting mutations;
+- ``maskable_ppo``: sb3-contrib's MaskablePPO on the env (the plug-in example).
+
+Each script defines ``Args`` (a ``RunArgs`` dataclass) and ``main(argv) -> Run``.
+``load_agent(name_or_path)`` imports one as a module.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Callable
+
+from nos_gym.agents.config import ConfigError, RunArgs, args_from_dict, load_yaml, parse_args
+from nos_gym.agents.policy import LSTMController, masked_categorical_stats, masked_kl
+from nos_gym.agents.rollout import Batch, play, rollout, uniform_actions
+from nos_gym.agents.runs import Run, format_top, read_log, top_rules
+
+#: the built-in agents, in the order tables list them
+AGENTS: tuple[str, ...] = ("trpo_lstm", "reinforce_lstm", "random_search", "evolution", "maskable_ppo")
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    """Run an agent script's ``main()`` from the shell: a bad setting prints one line and exits 2."""
+    try:
+        main()
+    except ConfigError as e:
+        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def agents_dir() -> Path:
+    """The repository's ``agents/`` folder (next to the installed ``nos_gym`` package)."""
+    return Path(__file__).resolve().parents[2] / "agents"
+
+
+def agent_script(agent: str) -> Path:
+    """The file of a built-in agent by name, or ``agent`` itself if it is a path to a script."""
+    if agent.endswith(".py"):
+        path = Path(agent)
+        if not path.is_file():
+            raise ConfigError(f"agent script {agent!r} does not exist")
+        return path
+    if agent not in AGENTS:
+        raise ConfigError(f"config key 'agent': unknown agent {agent!r}; allowed values: {list(AGENTS)} "
+                          f"(or a path to an agent script ending in .py)")
+    path = agents_dir() / f"{agent}.py"
+    if not path.is_file():
+        raise ConfigError(f"agent {agent!r}: {path} not found. The agent scripts live in the repository's "
+                          f"agents/ folder; install from a checkout with `pip install -e .`")
+    return path
+
+
+def load_agent(agent: str) -> ModuleType:
+    """Import an agent script (built-in name or path) as a module with ``Args`` and ``main``."""
+    path = agent_script(agent)
+    name = f"nos_gym_agent_{path.stem}"
+    if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(path):
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and inspect need the module registered
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    for attr in ("Args", "main"):
+        if not hasattr(module, attr):
+            raise ConfigError(f"agent script {path} defines no {attr!r}; an agent defines Args (a RunArgs "
+                              f"dataclass) and main(argv)")
+    return module
+
+
+__all__ = [
+    "AGENTS", "Batch", "ConfigError", "LSTMController", "Run", "RunArgs", "agent_script", "agents_dir",
+    "args_from_dict", "format_top", "load_agent", "load_yaml", "masked_categorical_stats", "masked_kl",
+    "parse_args", "play", "read_log", "rollout", "run_cli", "top_rules", "uniform_actions",
+]

@@ -1,0 +1,229 @@
+"""The ``nos-gym`` command.
+
+    nos-gym search --agent trpo_lstm --task rosenbrock [agent flags ...]
+    nos-gym search --config configs/paper.yaml
+    nos-gym eval "g * exp(sign(g) * sign(m))" --task rosenbrock
+    nos-gym top runs/trpo_lstm-rosenbrock-s1-...        # a run's leaderboard
+    nos-gym top runs/store.sqlite                        # the store's, per task
+    nos-gym plot runs/trpo_lstm-rosenbrock-s1-...       # reward vs sampled rules (Figure 4), PNG
+
+``search`` hands every flag after the agent's name to the agent script
+(``agents/NAME.py --help`` lists them); ``--agent`` may also be a path to your own
+agent script that defines ``Args`` and ``main(argv)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["main"]
+
+
+# ----------------------------------------------------------------------------- search
+def cmd_search(argv: list[str]) -> int:
+    from nos_gym.agents import AGENTS, ConfigError, load_agent, load_yaml
+
+    p = argparse.ArgumentParser(prog="nos-gym search", add_help=False,
+                                description="Run an agent; every other flag goes to the agent script.",
+                                epilog="The agent's own flags: nos-gym search --agent NAME --help")
+    p.add_argument("--agent", default=None, help=f"one of {list(AGENTS)} or a path to an agent script")
+    p.add_argument("-h", "--help", action="store_true")
+    known, rest = p.parse_known_args(argv)
+    agent = known.agent
+    config = _flag_value(rest, "--config")
+    resume = _flag_value(rest, "--resume")
+    source = config or (str(Path(resume) / "config.yaml") if resume else None)
+    if agent is None and source is not None:
+        agent = load_yaml(source).get("agent")
+        if agent is None:
+            raise ConfigError(f"{source} names no 'agent'; pass --agent, one of {list(AGENTS)}")
+    if agent is None:
+        if known.help:
+            p.print_help()
+            return 0
+        raise ConfigError(f"nos-gym search: --agent is required (or a --config naming one); "
+                          f"allowed values: {list(AGENTS)}")
+    module = load_agent(agent)
+    module.main(rest + (["--help"] if known.help else []))
+    return 0
+
+
+def _flag_value(argv: Sequence[str], flag: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+# ------------------------------------------------------------------------------- eval
+def cmd_eval(argv: list[str]) -> int:
+    import yaml
+
+    from nos_gym.agents import ConfigError
+    from nos_gym.dsl import ParseError
+    from nos_gym.evaluation import Evaluator
+    from nos_gym.optim import get_rule
+    from nos_gym.tasks import available
+
+    p = argparse.ArgumentParser(prog="nos-gym eval", description="Score one rule written in paper notation "
+                                "(or a Table 1 name such as powersign) on a task.")
+    p.add_argument("rule", nargs="+", help='e.g. "g * exp(sign(g) * sign(m))"; several rules are scored as one batch')
+    p.add_argument("--task", default="rosenbrock", help=f"one of {available()}")
+    p.add_argument("--task-options", type=yaml.safe_load, default={}, help='YAML/JSON mapping, e.g. "{preset: ci}"')
+    p.add_argument("--store", default=None, help="read/write scores in this SQLite store")
+    p.add_argument("--backend", default="serial", choices=["serial", "process", "ray"])
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    a = p.parse_args(argv)
+    if a.task not in available():
+        raise ConfigError(f"--task: unknown task {a.task!r}; allowed values: {available()}")
+    if not isinstance(a.task_options, dict):
+        raise ConfigError(f"--task-options must be a mapping, got {a.task_options!r}")
+    programs = []
+    for text in a.rule:
+        try:
+            programs.append(get_rule(text))
+        except ParseError as e:
+            print(f"nos-gym eval: cannot parse {text!r}: {e}", file=sys.stderr)
+            return 2
+    with Evaluator(a.task, backend=a.backend, store=a.store, **a.task_options) as ev:
+        results = ev.evaluate(programs)
+        fingerprint = ev.fingerprint
+    if a.json:
+        print(json.dumps([{"rule": str(p), "tokens": list(p.tokens), "key": p.canonical_key, "reward": r.reward,
+                           "metrics": r.metrics, "error": r.error, "cached": r.cached}
+                          for p, r in zip(programs, results)], indent=1, default=str))
+        return 0
+    print(f"task {a.task} ({fingerprint})")
+    for prog, r in zip(programs, results):
+        extra = f"  error: {r.error}" if r.error else ""
+        metrics = ", ".join(f"{k}={_short(v)}" for k, v in r.metrics.items() if not isinstance(v, dict))
+        print(f"{r.reward:.4f}  {prog}{'  (cached)' if r.cached else ''}{extra}")
+        print(f"        tokens: {' '.join(prog.tokens)}")
+        if metrics:
+            print(f"        {metrics}")
+    return 0
+
+
+def _short(v: object) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+# -------------------------------------------------------------------------------- top
+def cmd_top(argv: list[str]) -> int:
+    from nos_gym.agents import format_top, read_log, top_rules
+
+    p = argparse.ArgumentParser(prog="nos-gym top", description="Leaderboard of a run directory or a store.")
+    p.add_argument("path", help="a run directory (with log.jsonl) or a SQLite store file")
+    p.add_argument("-k", "--top", type=int, default=10)
+    p.add_argument("--task", default=None, help="store only: a task name or fingerprint to show (default: all)")
+    a = p.parse_args(argv)
+    path = Path(a.path)
+    if path.is_dir():
+        records = read_log(path)
+        print(format_top(top_rules(records, a.top), title=f"{path}: {len(records)} sampled rules, "
+                                                            f"{len({r['key'] for r in records})} distinct"))
+        return 0
+    if not path.is_file():
+        print(f"nos-gym top: {path} is neither a run directory nor a store file", file=sys.stderr)
+        return 2
+    from nos_gym.store import Store
+
+    with Store(path) as store:
+        tasks = store.tasks()
+        fingerprints = sorted({r.fingerprint for r in store.records()})
+        if a.task is not None:
+            fingerprints = [f for f in fingerprints if f == a.task or tasks.get(f, {}).get("name") == a.task]
+            if not fingerprints:
+                print(f"nos-gym top: no task {a.task!r} in {path}; tasks there: "
+                      f"{sorted({t['name'] for t in tasks.values()})}", file=sys.stderr)
+                return 2
+        for fp in fingerprints:
+            records = store.records(fp, status="ok")
+            print(f"{fp} ({tasks.get(fp, {}).get('name', '?')}): {store.count(fp)} rules scored")
+            print(f"{'rank':>4}  {'reward':>7}  rule")
+            for i, r in enumerate(records[: a.top]):
+                print(f"{i + 1:>4}  {r.reward:>7.4f}  {r.program}")
+            print()
+    return 0
+
+
+# ------------------------------------------------------------------------------- plot
+def cmd_plot(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="nos-gym plot", description="Reward against sampled rules (Figure 4), as a PNG.")
+    p.add_argument("run_dirs", nargs="+", help="one or more run directories")
+    p.add_argument("-o", "--out", default=None, help="PNG path (default: RUN_DIR/reward.png)")
+    p.add_argument("--window", type=int, default=100, help="moving-average window in rules")
+    a = p.parse_args(argv)
+    out = Path(a.out) if a.out else Path(a.run_dirs[0]) / "reward.png"
+    plot_runs([Path(d) for d in a.run_dirs], out, window=a.window)
+    print(out)
+    return 0
+
+
+def plot_runs(run_dirs: Sequence[Path], out: Path, window: int = 100) -> Path:
+    """Figure 4 of the paper for runs: each sampled rule's reward, its moving average and the best so far."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from nos_gym.agents import read_log
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for d in run_dirs:
+        records = read_log(d)
+        if not records:
+            raise ValueError(f"{d} has no sampled rules yet")
+        r = np.array([rec["reward"] for rec in records])
+        x = np.arange(1, len(r) + 1)
+        label = d.name
+        ax.scatter(x, r, s=2, alpha=0.25)
+        w = max(1, min(window, len(r)))
+        moving = np.convolve(r, np.ones(w) / w, mode="valid")
+        line, = ax.plot(x[w - 1:], moving, lw=1.5, label=f"{label}: moving average ({w})")
+        ax.plot(x, np.maximum.accumulate(r), lw=1, ls="--", color=line.get_color(), label=f"{label}: best so far")
+    ax.set_xlabel("Number of sampled optimizers")
+    ax.set_ylabel("Controller reward")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title("Controller reward as more optimizers are sampled")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+# ------------------------------------------------------------------------------- main
+COMMANDS = {"search": cmd_search, "eval": cmd_eval, "top": cmd_top, "plot": cmd_plot}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        print(f"\ncommands: {', '.join(COMMANDS)}  (nos-gym COMMAND --help for each)")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"nos-gym: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    from nos_gym.agents.config import ConfigError
+
+    try:
+        return COMMANDS[command](rest)
+    except ConfigError as e:
+        print(f"nos-gym {command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""Agents: the LSTM controller, masked sampling, the TRPO step, and every agent end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from nos_gym.agents import AGENTS, LSTMController, load_agent, masked_kl, read_log
+from nos_gym.agents.policy import masked_categorical_stats
+from nos_gym.dsl import Constraints, Masker, Program, get_space, parse
+from nos_gym.store import Store
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors: more threads only add contention on a shared CPU (restored afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# a cheap reward: Rosenbrock with 200 instead of 4,000 iterations
+FAST = ["--task", "rosenbrock", "--task-options", "{iterations: 200}", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def trpo():
+    return load_agent("trpo_lstm")
+
+
+def fixed_batch(n: int = 40, seed: int = 0, space: str = "full", depth: int = 2):
+    """A controller and a batch of strings it sampled (with their masks), reproducibly."""
+    torch.manual_seed(seed)
+    masker = Masker(get_space(space), depth)
+    policy = LSTMController(len(masker.vocab), masker.length)
+    tokens, masks = policy.sample(masker, n, torch.Generator().manual_seed(seed))
+    return policy, masker, tokens, masks
+
+
+# ------------------------------------------------------------------------- controller
+def test_controller_is_the_papers_network():
+    masker = Masker(get_space("full"), 3)
+    policy = LSTMController(len(masker.vocab), masker.length)
+    assert policy.cell.hidden_size == 150
+    assert isinstance(policy.cell, torch.nn.LSTMCell)  # single layer
+    # a separate softmax for each of the 15 positions
+    assert policy.head_weight.shape == (15, 150, len(masker.vocab))
+    for p in policy.parameters():
+        assert p.min() >= -0.08 and p.max() <= 0.08
+        assert p.max() > 0.07 and p.min() < -0.07  # really spread over the interval
+
+
+def test_masked_tokens_are_never_sampled():
+    """Even when the logits strongly favour forbidden tokens, -inf masking keeps them out."""
+    masker = Masker(get_space("small"), 2, Constraints())
+    policy = LSTMController(len(masker.vocab), masker.length)
+    with torch.no_grad():
+        allowed_anywhere = torch.zeros(len(masker.vocab), dtype=torch.bool)
+        for t in range(masker.length):
+            allowed_anywhere |= torch.as_tensor(masker._base[t])
+        policy.head_bias[:, ~allowed_anywhere] = 50.0  # tokens outside the space: hugely favoured
+        policy.head_bias[:, masker.vocab.index("add")] = 50.0  # forbidden as the final binary
+    tokens, masks = policy.sample(masker, 300, torch.Generator().manual_seed(1))
+    for row in tokens.tolist():
+        for t in range(masker.length):
+            assert masker.mask(row[:t])[row[t]], (t, row)
+        program = Program.from_ids(row, masker.vocab)
+        assert masker.violations(program) == []
+        assert get_space("small").contains(program)
+    # and the log-probabilities of what was sampled are finite; masked entries carry no mass
+    logp, ent, logits = policy.evaluate(tokens, masks)
+    assert torch.isfinite(logp).all() and torch.isfinite(ent).all()
+    assert torch.isinf(logits[~masks]).all()
+    assert torch.softmax(logits, -1)[~masks].max() == 0
+
+
+def test_masked_stats_match_a_plain_categorical():
+    policy, masker, tokens, masks = fixed_batch(12)
+    with torch.no_grad():
+        logits = policy(tokens, masks)
+        logp, ent = masked_categorical_stats(logits, masks, tokens)
+        for i in range(3):
+            for t in range(masker.length):
+                valid = masks[i, t]
+                dist = torch.distributions.Categorical(logits=logits[i, t, valid])
+                idx = int(valid[: tokens[i, t]].sum())  # position of the token among the valid ones
+                assert logp[i, t].item() == pytest.approx(dist.log_prob(torch.tensor(idx)).item(), abs=1e-5)
+                assert ent[i, t].item() == pytest.approx(dist.entropy().item(), abs=1e-5)
+
+
+# --------------------------------------------------------------------------------- TRPO
+def test_conjugate_gradient_solves_spd_system(trpo):
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(20, 20, generator=g, dtype=torch.float64)
+    A = M @ M.T + 0.5 * torch.eye(20, dtype=torch.float64)
+    b = torch.randn(20, generator=g, dtype=torch.float64)
+    x = trpo.conjugate_gradient(lambda v: A @ v, b, iters=60)
+    assert torch.allclose(A @ x, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("max_kl", [0.001, 0.01, 0.5])
+def test_trpo_accepted_step_keeps_kl_within_max_kl(trpo, max_kl):
+    policy, masker, tokens, masks = fixed_batch(40)
+    advantages = torch.randn(40, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        old_logits = policy(tokens, masks)
+    args = trpo.Args(max_kl=max_kl)
+    stats = trpo.trpo_step(policy, tokens, masks, advantages, args)
+    assert stats["accepted"]
+    with torch.no_grad():
+        kl = masked_kl(old_logits, policy(tokens, masks), masks).mean().item()
+    assert kl == pytest.approx(stats["kl"], rel=1e-4)
+    assert 0 < kl <= max_kl
+    # the step is not timid: the trust region is used (within a backtracking factor)
+    assert kl > 0.05 * max_kl * stats["step_fraction"] ** 2
+
+
+def test_trpo_improves_the_surrogate_on_a_fixed_batch(trpo):
+    policy, masker, tokens, masks = fixed_batch(40)
+    advantages = torch.randn(40, generator=torch.Generator().manual_seed(4))
+    args = trpo.Args(max_kl=0.02)
+    with torch.no_grad():
+        old_logits = policy(tokens, masks)
+        logp_old = masked_categorical_stats(old_logits, masks, tokens)[0].sum(-1)
+        before = trpo.surrogate(old_logits, tokens, masks, logp_old, advantages, args.entropy_coef).item()
+    stats = trpo.trpo_step(policy, tokens, masks, advantages, args)
+    with torch.no_grad():
+        after = trpo.surrogate(policy(tokens, masks), tokens, masks, logp_old, advantages, args.entropy_coef).item()
+    assert stats["accepted"]
+    assert after > before + 1e-4
+    assert after == pytest.approx(stats["surrogate_after"], rel=1e-5)
+    assert stats["surrogate_before"] == pytest.approx(before, rel=1e-5)
+    # the gain is at least accept_ratio of the linear prediction of the step taken
+    assert after - before >= args.accept_ratio * stats["expected"] * stats["step_fraction"]
+
+
+def test_trpo_makes_rewarded_rules_more_likely(trpo):
+    policy, masker, tokens, masks = fixed_batch(30)
+    advantages = torch.full((30,), -0.1)
+    advantages[:5] = 1.0  # the first five rules were good
+    with torch.no_grad():
+        before = policy.evaluate(tokens, masks)[0]
+    for _ in range(3):
+        assert trpo.trpo_step(policy, tokens, masks, advantages, trpo.Args(entropy_coef=0.0))["accepted"]
+    with torch.no_grad():
+        after = policy.evaluate(tokens, masks)[0]
+    assert (after[:5] - before[:5]).mean() > 0.5
+    assert (after[5:] - before[5:]).mean() < 0
+
+
+def test_trpo_keeps_parameters_when_there_is_nothing_to_learn(trpo):
+    policy, masker, tokens, masks = fixed_batch(10)
+    before = [p.detach().clone() for p in policy.parameters()]
+    stats = trpo.trpo_step(policy, tokens, masks, torch.zeros(10), trpo.Args(entropy_coef=0.0))
+    assert not stats["accepted"]
+    for p, q in zip(policy.parameters(), before):
+        assert torch.equal(p, q)
+
+
+# --------------------------------------------------------------------------- evolution
+def test_evolution_mutations_respect_the_masks():
+    evo = load_agent("evolution")
+    masker = Masker(get_space("full"), 3, Constraints())
+    rng = np.random.default_rng(0)
+    changed_positions = set()
+    for _ in range(300):
+        parent = np.array(masker.sample(rng).ids(masker.vocab))
+        child = evo.mutate(parent, masker, rng)
+        diff = np.flatnonzero(child != parent)
+        assert len(diff) >= 1
+        changed_positions.add(int(diff[0]))
+        for t in range(masker.length):
+            assert masker.mask(child[:t])[child[t]]
+        assert masker.violations(Program.from_ids(child, masker.vocab)) == []
+    assert len(changed_positions) >= 12  # every kind of position gets mutated
+
+
+# --------------------------------------------------------------------------- end to end
+@pytest.mark.parametrize("agent", AGENTS)
+def test_each_agent_runs_end_to_end(agent, tmp_path):
+    module = load_agent(agent)
+    run_dir = tmp_path / "run"
+    store_path = tmp_path / "store.sqlite"
+    task = ["--task", "quadratic", "--task-options", "{iterations: 30, dim: 10}"] if agent == "maskable_ppo" else FAST[:4]
+    extra = {"evolution": ["--population-size", "8", "--tournament-size", "3"],
+             "maskable_ppo": ["--batch-size", "40"]}.get(agent, [])
+    run = module.main(task + ["--no-progress", "--depth", "2", "--space", "small", "--num-envs", "8",
+                              "--total-rules", "32", "--seed", "5", "--run-dir", str(run_dir),
+                              "--store", str(store_path)] + extra)
+    records = read_log(run_dir)
+    assert [r["sample"] for r in records] == list(range(32))
+    assert [r["batch"] for r in records] == [i // 8 for i in range(32)]
+    space = get_space("small")
+    for r in records:
+        program = Program(tuple(r["tokens"]))
+        assert space.contains(program, Constraints())
+        assert parse(r["rule"]).canonical_key == r["key"] == program.canonical_key
+        assert 0.0 <= r["reward"] <= 1.0
+    assert max(r["reward"] for r in records) > 0
+    # every rule is in the store with the reward the log has
+    with Store(store_path) as store:
+        fps = list(store.tasks())
+        assert len(fps) == 1
+        stored = {rec.key: rec.reward for rec in store.records(fps[0])}
+    assert {r["key"] for r in records} <= set(stored)
+    for r in records:
+        assert stored[r["key"]] == pytest.approx(r["reward"])
+    # each distinct rule was computed once; later samples of it are cache hits
+    fresh = [r["key"] for r in records if not r["cached"]]
+    assert len(fresh) == len(set(fresh)) == len({r["key"] for r in records})
+    # checkpoint and top-k
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert ckpt["samples"] == 32 and ckpt["batch"] == 4 and ckpt["agent"] == agent
+    top = json.loads((run_dir / "top.json").read_text())
+    assert top[0]["reward"] == max(r["reward"] for r in records)
+    assert len({t["key"] for t in top}) == len(top) == min(10, len({r["key"] for r in records}))
+    assert run.samples == 32

@@ -1,0 +1,228 @@
+"""Runs: config loading and its errors, resume, Ctrl-C, the log and the top-k."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from nos_gym.agents import ConfigError, load_agent, parse_args, read_log, top_rules
+from nos_gym.agents.runs import format_top
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--task", "rosenbrock", "--task-options", "{iterations: 200}", "--no-progress", "--num-envs", "8"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def trpo():
+    return load_agent("trpo_lstm")
+
+
+def strings(records):
+    return [(r["sample"], r["batch"], tuple(r["tokens"]), r["reward"]) for r in records]
+
+
+# ------------------------------------------------------------------------------ config
+def test_defaults_are_the_papers_controller(trpo):
+    args, resume = parse_args(trpo.Args, [], agent="trpo_lstm")
+    assert resume is None
+    assert (args.hidden_size, args.init_scale, args.entropy_coef) == (150, 0.08, 0.0015)
+    assert args.task == "rosenbrock"
+
+
+def test_config_file_then_flags(trpo, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("agent: trpo_lstm\nmax_kl: 0.05\nnum_envs: 12\ntask_options: {iterations: 100}\n")
+    args, _ = parse_args(trpo.Args, ["--config", str(cfg), "--num-envs", "7"], agent="trpo_lstm")
+    assert args.max_kl == 0.05 and args.num_envs == 7 and args.task_options == {"iterations": 100}
+    args, _ = parse_args(trpo.Args, ["--config", str(cfg), "--no-reuse-result", "--max_kl", "1e-3"], agent="trpo_lstm")
+    assert args.reuse_result is False and args.max_kl == 0.001 and args.num_envs == 12
+
+
+def test_paper_config_loads(trpo):
+    args, _ = parse_args(trpo.Args, ["--config", str(ROOT / "configs" / "paper.yaml")], agent="trpo_lstm")
+    assert args.num_envs == 5                   # the paper's minibatch of 5 rules
+    assert args.entropy_coef == 0.0015 and args.hidden_size == 150 and args.init_scale == 0.08
+    assert args.task == "convnet-cifar10" and args.task_options["preset"] == "paper"
+
+
+@pytest.mark.parametrize("text, words", [
+    ("max_kll: 0.1\n", ["'max_kll'", "did you mean 'max_kl'", "allowed keys", "entropy_coef"]),
+    ("total_rules: many\n", ["'total_rules'", "expects int", "str"]),
+    ("entropy_coef: true\n", ["'entropy_coef'", "expects float", "bool"]),
+    ("task: cifar\n", ["'task'", "'cifar'", "rosenbrock", "quadratic", "convnet-cifar10"]),
+    ("space: huge\n", ["'space'", "'huge'", "full", "small"]),
+    ("agent: alphazero\n", ["'agent'", "'alphazero'", "trpo_lstm", "random_search"]),
+    ("agent: evolution\n", ["'agent'", "'evolution'", "trpo_lstm"]),
+    ("max_kl: -1\n", ["'max_kl'", "-1"]),
+    ("task_options: 3\n", ["'task_options'", "expects dict"]),
+    ("- a list\n", ["mapping"]),
+])
+def test_bad_config_names_the_key_and_the_allowed_values(trpo, tmp_path, text, words):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        parse_args(trpo.Args, ["--config", str(cfg)], agent="trpo_lstm")
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_bad_flag_stops_with_a_usage_message(trpo, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(trpo.Args, ["--max-kl", "big"], agent="trpo_lstm")
+    assert e.value.code == 2
+    assert "--max-kl" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="'task'.*allowed values"):
+        parse_args(trpo.Args, ["--task", "mnist"], agent="trpo_lstm")
+
+
+def test_bad_config_stops_the_script_at_once(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("learning_rate: 0.1\n")  # a REINFORCE setting, not TRPO's
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, str(ROOT / "agents" / "trpo_lstm.py"), "--config", str(cfg),
+                           "--runs-root", str(tmp_path / "runs")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "unknown config key 'learning_rate'" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists()  # nothing was started
+    assert time.time() - t0 < 60
+
+
+def test_run_dir_that_holds_a_run_is_not_overwritten(trpo, tmp_path):
+    run_dir = tmp_path / "r"
+    args = FAST + ["--total-rules", "8", "--run-dir", str(run_dir), "--store", str(tmp_path / "s.sqlite")]
+    trpo.main(args)
+    with pytest.raises(ConfigError, match="already holds a run.*--resume"):
+        trpo.main(args)
+
+
+# ------------------------------------------------------------------------------ resume
+def test_resume_continues_the_log_and_scores_no_rule_twice(trpo, tmp_path):
+    # reference: one uninterrupted run of 5 batches
+    full = tmp_path / "full"
+    trpo.main(FAST + ["--total-rules", "40", "--seed", "3", "--run-dir", str(full),
+                      "--store", str(tmp_path / "full.sqlite")])
+    # the same run stopped after 2 batches ...
+    part = tmp_path / "part"
+    store = str(tmp_path / "part.sqlite")
+    trpo.main(FAST + ["--total-rules", "16", "--seed", "3", "--run-dir", str(part), "--store", store])
+    assert len(read_log(part)) == 16
+    # ... whose log got one batch ahead of its checkpoint and a half-written line (a kill mid-batch)
+    with (part / "log.jsonl").open("a") as f:
+        for r in read_log(part)[-8:]:
+            f.write(json.dumps({**r, "sample": r["sample"] + 8, "batch": 2}) + "\n")
+        f.write('{"sample": 24, "bat')
+    # ... resumed to the full budget
+    run = trpo.main(["--resume", str(part), "--total-rules", "40"])
+    assert run.resumed
+    resumed = read_log(part)
+    reference = read_log(full)
+    assert strings(resumed) == strings(reference)      # continues exactly where it stopped
+    fresh = [r["key"] for r in resumed if not r["cached"]]
+    assert len(fresh) == len(set(fresh))               # no rule scored twice, across the resume
+    assert set(fresh) == {r["key"] for r in resumed}
+    ckpt = torch.load(part / "checkpoint.pt", weights_only=False)
+    assert ckpt["batch"] == 5 and ckpt["samples"] == 40
+    assert [json.loads(x)["batch"] for x in (part / "updates.jsonl").read_text().splitlines()] == list(range(5))
+
+
+def test_resume_refuses_to_change_the_search(trpo, tmp_path):
+    run_dir = tmp_path / "r"
+    trpo.main(FAST + ["--total-rules", "8", "--run-dir", str(run_dir), "--store", str(tmp_path / "s.sqlite")])
+    with pytest.raises(ConfigError, match="cannot change \\['max_kl'\\]"):
+        trpo.main(["--resume", str(run_dir), "--max-kl", "0.5"])
+    with pytest.raises(ConfigError, match="no config.yaml"):
+        trpo.main(["--resume", str(tmp_path / "nowhere")])
+
+
+def test_ctrl_c_saves_and_exits_cleanly(trpo, tmp_path):
+    run_dir = tmp_path / "r"
+    store = str(tmp_path / "s.sqlite")
+    cmd = [sys.executable, str(ROOT / "agents" / "trpo_lstm.py")] + FAST + [
+        "--total-rules", "100000", "--run-dir", str(run_dir), "--store", store]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            log = run_dir / "log.jsonl"
+            if log.exists() and len(log.read_text().splitlines()) >= 16:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the run logged nothing in 90 s")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert f"--resume {run_dir}" in err
+    records = read_log(run_dir)
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert ckpt["samples"] == len(records) >= 16 and len(records) % 8 == 0  # stopped after a whole batch
+    assert "rank" in out and (run_dir / "top.txt").read_text().strip()
+    # and it continues from there
+    n = len(records)
+    run = trpo.main(["--resume", str(run_dir), "--total-rules", str(n + 8)])
+    records = read_log(run_dir)
+    assert [r["sample"] for r in records] == list(range(n + 8)) and run.samples == n + 8
+    fresh = [r["key"] for r in records if not r["cached"]]
+    assert len(fresh) == len(set(fresh))
+
+
+# ------------------------------------------------------------------------- log, top-k
+def test_top_rules_are_distinct_and_ranked():
+    recs = [{"sample": i, "key": k, "reward": r, "rule": k.upper(), "tokens": [k]}
+            for i, (k, r) in enumerate([("a", 0.5), ("b", 0.9), ("a", 0.5), ("c", 0.9), ("d", 0.1)])]
+    top = top_rules(recs, 3)
+    assert [(t["key"], t["rank"], t["count"]) for t in top] == [("b", 1, 1), ("c", 2, 1), ("a", 3, 2)]
+    text = format_top(top)
+    assert text.splitlines()[1].split() == ["1", "0.9000", "1", "B"]
+
+
+def test_run_directory_contents(trpo, tmp_path):
+    run_dir = tmp_path / "r"
+    trpo.main(FAST + ["--total-rules", "16", "--run-dir", str(run_dir), "--store", str(tmp_path / "s.sqlite")])
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["agent"] == "trpo_lstm" and saved["num_envs"] == 8 and saved["task_options"] == {"iterations": 200}
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert set(ckpt["state"]) == {"policy", "generator", "baseline"}
+    assert set(ckpt["global_rng"]) == {"python", "numpy", "torch"}
+    top = json.loads((run_dir / "top.json").read_text())
+    txt = (run_dir / "top.txt").read_text()
+    assert top[0]["rule"] in txt
+    assert not any(p.name.endswith(".tmp") for p in run_dir.iterdir())
+
+
+@pytest.mark.parametrize("agent", ["random_search", "reinforce_lstm", "evolution", "maskable_ppo"])
+def test_every_agent_resumes_where_it_stopped(agent, tmp_path):
+    module = load_agent(agent)
+    extra = {"evolution": ["--population-size", "8", "--tournament-size", "3"],
+             "maskable_ppo": ["--batch-size", "40"]}.get(agent, [])
+    common = FAST + ["--space", "small", "--seed", "4"] + extra
+    module.main(common + ["--total-rules", "40", "--run-dir", str(tmp_path / "full"),
+                          "--store", str(tmp_path / "full.sqlite")])
+    module.main(common + ["--total-rules", "16", "--run-dir", str(tmp_path / "part"),
+                          "--store", str(tmp_path / "part.sqlite")])
+    module.main(["--resume", str(tmp_path / "part"), "--total-rules", "40"])
+    resumed, reference = read_log(tmp_path / "part"), read_log(tmp_path / "full")
+    assert strings(resumed) == strings(reference)
+    fresh = [r["key"] for r in resumed if not r["cached"]]
+    assert len(fresh) == len(set(fresh)) == len({r["key"] for r in resumed})
