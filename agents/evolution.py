@@ -37,7 +37,7 @@ class Args(RunArgs):
     """Evolution settings (shared ones in ``nos_gym.agents.config.RunArgs``)."""
 
     total_rules: int = 3000
-    num_envs: int = 50
+    num_envs: int = 100
     population_size: int = 100
     """rules alive at once; the first ones are masked random samples"""
     tournament_size: int = 25

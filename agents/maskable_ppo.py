@@ -34,7 +34,7 @@ class Args(RunArgs):
     """MaskablePPO settings (shared ones in ``nos_gym.agents.config.RunArgs``)."""
 
     total_rules: int = 3000
-    num_envs: int = 50
+    num_envs: int = 100
     """lockstep sub-envs; each PPO rollout is rollout_episodes rules per sub-env"""
     rollout_episodes: int = 1
     """episodes (rules) per sub-env per PPO rollout: n_steps = rollout_episodes * 5 * depth"""

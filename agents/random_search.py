@@ -30,7 +30,7 @@ class Args(RunArgs):
     """Random-search settings: only the shared ones (``nos_gym.agents.config.RunArgs``)."""
 
     total_rules: int = 3000
-    num_envs: int = 50
+    num_envs: int = 100
 
 
 # ----------------------------------------------------------------------------------- loop

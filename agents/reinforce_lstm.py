@@ -30,10 +30,10 @@ class Args(RunArgs):
     """REINFORCE settings (shared ones in ``nos_gym.agents.config.RunArgs``)."""
 
     total_rules: int = 3000
-    num_envs: int = 50
+    num_envs: int = 100
     hidden_size: int = 150
     init_scale: float = 0.08
-    learning_rate: float = 3e-3
+    learning_rate: float = 1e-3
     """Adam step size (the paper's 1e-5 is for 10^4+ updates; see configs/paper.yaml)"""
     entropy_coef: float = 0.0015
     baseline_decay: float = 0.9

@@ -56,7 +56,7 @@ def parse_cli(argv=None) -> argparse.Namespace:
     p.add_argument("--space", default="full")
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--total-rules", type=int, default=3000)
-    p.add_argument("--num-envs", type=int, default=50)
+    p.add_argument("--num-envs", type=int, default=100)
     p.add_argument("--threshold", type=float, default=None,
                    help="reward for 'samples to threshold' (default: the DSL Momentum's score on the task)")
     p.add_argument("--top", type=int, default=10)
@@ -149,7 +149,11 @@ def main(argv=None) -> dict:
         agent, _, key = agent_key.partition(".")
         if agent not in AGENTS or not key or not _:
             sys.exit(f"--set {item!r}: expected AGENT.KEY=VALUE with AGENT one of {list(AGENTS)}")
-        extra.setdefault(agent, []).extend([f"--{key.replace('_', '-')}", value])
+        flag = f"--{key.replace('_', '-')}"
+        if value.lower() in ("true", "false"):  # a switch: --flag / --no-flag
+            extra.setdefault(agent, []).append(flag if value.lower() == "true" else f"--no-{flag[2:]}")
+        else:
+            extra.setdefault(agent, []).extend([flag, value])
 
     task = make(a.task, **a.task_options)
     refs = {name: task.evaluate([parse(rule)])[0].reward for name, rule in REFERENCES.items()}

@@ -60,7 +60,7 @@ class RunArgs:
     # --- budget and batching ------------------------------------------------------------
     total_rules: int = 3000
     """budget: number of rules sampled (and scored) in the whole run"""
-    num_envs: int = 50
+    num_envs: int = 100
     """rules sampled per batch; the vector env scores them as one batch"""
     seed: int = 1
     # --- where results go -------------------------------------------------------------
