@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -226,3 +225,15 @@ def test_every_agent_resumes_where_it_stopped(agent, tmp_path):
     assert strings(resumed) == strings(reference)
     fresh = [r["key"] for r in resumed if not r["cached"]]
     assert len(fresh) == len(set(fresh)) == len({r["key"] for r in resumed})
+
+
+def test_rosenbrock_config_is_the_default_run(trpo):
+    from_file, _ = parse_args(trpo.Args, ["--config", str(ROOT / "configs" / "rosenbrock.yaml")], agent="trpo_lstm")
+    assert from_file == trpo.Args()
+
+
+def test_paper_reinforce_config_loads():
+    reinforce = load_agent("reinforce_lstm")
+    args, _ = parse_args(reinforce.Args, ["--config", str(ROOT / "configs" / "paper_reinforce.yaml")],
+                         agent="reinforce_lstm")
+    assert (args.learning_rate, args.num_envs, args.entropy_coef) == (1e-5, 5, 0.0015)

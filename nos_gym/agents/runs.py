@@ -360,8 +360,8 @@ class Run:
             raise KeyboardInterrupt
         self.stop_requested = True
         self.interrupted = True
-        print(f"\n[nos-gym] Ctrl-C: stopping after this batch and saving (press Ctrl-C again to stop now, "
-              f"keeping the last checkpoint)", file=sys.stderr, flush=True)
+        print("\n[nos-gym] Ctrl-C: stopping after this batch and saving (press Ctrl-C again to stop now, "
+              "keeping the last checkpoint)", file=sys.stderr, flush=True)
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         if self._old_handler is not None:
