@@ -76,8 +76,9 @@ class Program:
     def depth(self) -> int:
         return len(self.tokens) // GROUP_SIZE
 
-    @property
+    @cached_property
     def groups(self) -> tuple[tuple[str, str, str, str, str], ...]:
+        # cached: the batched executors read it for every row and slot
         t = self.tokens
         return tuple(tuple(t[i : i + GROUP_SIZE]) for i in range(0, len(t), GROUP_SIZE))  # type: ignore[misc]
 
