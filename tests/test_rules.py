@@ -35,12 +35,14 @@ def _train(rule: BatchedRule, w0: torch.Tensor, steps: int = 25, lr: float = 1e-
     return w
 
 
+@pytest.mark.parametrize("shape", [(3, 5), (2,), (4,)], ids=["rows-of-15", "rows-of-2", "rows-of-4"])
 @pytest.mark.parametrize("depth", [1, 2, 3])
-def test_batch_of_64_different_rules_equals_each_rule_alone(depth):
+def test_batch_of_64_different_rules_equals_each_rule_alone(depth, shape):
+    # rows of 2 and 4 numbers take the executor's wide-row gathers (two floats as one complex)
     programs = _random_deterministic_programs(64, depth, seed=depth)
     assert len({p.canonical_key for p in programs}) == 64
     torch.manual_seed(0)
-    w0 = torch.randn(64, 3, 5, dtype=torch.float64)
+    w0 = torch.randn(64, *shape, dtype=torch.float64)
     batched = _train(BatchedRule(programs), w0)
     alone = torch.cat([_train(BatchedRule([p]), w0[i : i + 1]) for i, p in enumerate(programs)])
     same = torch.isclose(batched, alone, rtol=1e-12, atol=1e-300, equal_nan=True)
@@ -140,3 +142,36 @@ def test_rules_of_different_depths_batch_together():
     alone = torch.cat([_train(BatchedRule([p]), w0[i : i + 1]) for i, p in enumerate(programs)])
     torch.testing.assert_close(batched, alone, rtol=1e-12, atol=0)
     assert not torch.allclose(batched[0], batched[1])
+
+
+def test_each_read_of_noise_is_a_fresh_draw_as_in_the_optimizer():
+    # noise - noise is not 0: the batched executor draws per read, like apply_rule does
+    w = torch.zeros(3, 1000)
+    rule = BatchedRule([parse("noise - noise"), parse("g"), parse("noise")],
+                       generator=torch.Generator().manual_seed(0))
+    d, _ = rule.update(rule.init(w), torch.ones_like(w), w)
+    assert abs(d[0].std().item() - math.sqrt(2) * Hyper().noise_std) < 1e-3
+    assert torch.equal(d[1], torch.ones(1000))
+    assert abs(d[2].std().item() - Hyper().noise_std) < 1e-3
+
+
+def test_drop_zeroes_entries_even_infinite_ones_in_both_executors():
+    from nos_gym.optim import NOSOptimizer
+
+    g = torch.full((1, 4000), math.inf)
+    rule = BatchedRule([parse("drop(g, 0.5)")], generator=torch.Generator().manual_seed(0))
+    d, _ = rule.update(rule.init(g), g, torch.zeros_like(g))
+    assert set(d.unique().tolist()) == {0.0, math.inf}
+    w = torch.zeros(4000, requires_grad=True)
+    w.grad = torch.full((4000,), math.inf)
+    NOSOptimizer([w], rule="drop(g, 0.5)", lr=1.0).step()
+    assert set(w.detach().unique().tolist()) == {0.0, -math.inf}  # never NaN
+
+
+def test_clip_levels_and_drop_rates_share_one_call_per_family_with_per_row_constants():
+    programs = [parse(t) for t in ["clip(g, 1e-5)", "clip(g, 1e-3)", "clip(g, 1e-4)", "g", "clip(g, 1e-5) + clip(v, 1e-3)"]]
+    g = torch.tensor([[1.0, -1.0]] * 5, dtype=torch.float64)
+    rule = BatchedRule(programs)
+    d, _ = rule.update(rule.init(g), g, torch.zeros_like(g))
+    torch.testing.assert_close(d[:, 0], torch.tensor([1e-5, 1e-3, 1e-4, 1.0, 1e-5 + 1e-3], dtype=torch.float64))
+    torch.testing.assert_close(d[:3, 1], -d[:3, 0])
