@@ -128,7 +128,7 @@ class Inputs:
         if name == "one":
             return [torch.ones_like(t) for t in self.g], True
         if name == "noise":
-            return [draw_noise(t.shape, t, h, self.generator) for t in self.g], True
+            return [draw_noise(t, h, self.generator) for t in self.g], True
         if name in WEIGHT_SCALES:
             return torch._foreach_mul(self.w, WEIGHT_SCALES[name]), True
         if name == "adam":
@@ -140,13 +140,14 @@ class Inputs:
 
 # ---------------------------------------------------------------------------- functions
 # Every function works in place on its first argument (a list of tensors or of views).
-def draw_noise(shape: Sequence[int] | torch.Size, like: Tensor, hyper: Hyper,
-               generator: torch.Generator | None) -> Tensor:
-    """Fresh N(0, noise_std^2) values of ``like``'s dtype. Drawn in float32 (a float64
-    draw costs 5x as much on CPU, and the noise needs no more than float32 resolution)."""
-    z = torch.randn(tuple(shape), generator=generator, device=like.device,
-                    dtype=like.dtype if like.dtype == torch.float32 else torch.float32)
-    return z.to(like.dtype).mul_(hyper.noise_std)
+def draw_noise(like: Tensor, hyper: Hyper, generator: torch.Generator | None, out: Tensor | None = None) -> Tensor:
+    """Fresh N(0, noise_std^2) values of ``like``'s shape and dtype (into ``out`` if given).
+    Drawn in float32: a float64 draw costs 5x as much on CPU, and the noise needs no more
+    than float32 resolution."""
+    z = torch.randn(like.shape, generator=generator, device=like.device, dtype=torch.float32)
+    if out is not None:
+        return torch.mul(z, hyper.noise_std, out=out)
+    return z.mul_(hyper.noise_std).to(like.dtype)
 
 
 def drop_(x: Values, rate: float | Values, gen: torch.Generator | None) -> None:
@@ -418,11 +419,14 @@ class BatchedRule:
         sides = [(0,) if all(g[4] == "keep" for g in grp) else (0, 1) for grp in groups]
         used = {g[s] for k, grp in enumerate(groups) for g in grp for s in sides[k]}
         base = sorted(t for t in used if not is_result_operand(t))
-        self._constant = [t for t in base if t == "one"]        # written once
-        self._computed = [t for t in base if t not in ("one", "noise")]  # every step, for all rows
-        # bank rows: constants, computed operands (R rows each), one noise row per read, results
-        offset = {t: i * R for i, t in enumerate(self._constant + self._computed)}
-        self._noise_start = (len(self._constant) + len(self._computed)) * R
+        self._constant = [t for t in base if t == "one"]                   # written once
+        self._scaled_w = [t for t in base if t in WEIGHT_SCALES]           # one multiply, every step
+        self._computed = [t for t in base if t not in ("one", "noise", *WEIGHT_SCALES)]  # every step
+        # bank rows: constants, computed operands, weight operands (R rows each), one noise
+        # row per read, results
+        entries = self._constant + self._computed + self._scaled_w
+        offset = {t: i * R for i, t in enumerate(entries)}
+        self._noise_start = len(entries) * R
         self._noise_rows = sum(g[s] == "noise" for k, grp in enumerate(groups) for g in grp for s in sides[k])
         next_row = self._noise_start + self._noise_rows
         for t in sorted((t for t in used if is_result_operand(t)), key=result_index):
@@ -483,6 +487,9 @@ class BatchedRule:
             bank[i * R: (i + 1) * R].fill_(1.0)  # "one", the only constant operand
         c0 = len(self._constant) * R
         self._computed_view = bank[c0: c0 + len(self._computed) * R].view(len(self._computed), R, D)
+        w0 = c0 + len(self._computed) * R
+        self._scaled_w_view = bank[w0: w0 + len(self._scaled_w) * R].view(len(self._scaled_w), R, D)
+        self._w_scales = torch.tensor([WEIGHT_SCALES[t] for t in self._scaled_w], dtype=dtype, device=device).view(-1, 1, 1)
         self._noise_view = bank[self._noise_start: self._noise_start + self._noise_rows]
         gen, eps = self.generator, self.hyper.eps
         calls: list[Callable[[], None]] = []
@@ -524,7 +531,7 @@ class BatchedRule:
         R = grad.shape[0]
         if R != len(self.programs):
             raise ValueError(f"grad has {R} rows for {len(self.programs)} rules")
-        D = grad[0].numel()
+        D = grad.numel() // R
         if self._layout != (R, D, grad.dtype, grad.device):
             self._prepare(R, D, grad.dtype, grad.device)
         h = self.hyper
@@ -537,8 +544,10 @@ class BatchedRule:
                      step, h, self.generator)
         if self._computed:
             torch.stack([inp.get(t)[0][0] for t in self._computed], out=self._computed_view)
+        if self._scaled_w:  # the operands w * 10^k (as Inputs.get defines them) as one broadcast multiply
+            torch.mul(params.reshape(1, R, D), self._w_scales, out=self._scaled_w_view)
         if self._noise_rows:
-            self._noise_view.copy_(draw_noise((self._noise_rows, D), g, h, self.generator))
+            draw_noise(self._noise_view, h, self.generator, out=self._noise_view)
         for call in self._calls:
             call()
         last = self._last
