@@ -339,7 +339,9 @@ class ConvNetTask(Task):
     """
 
     name = "convnet-cifar10"
-    version = 1
+    # 2: drop zeroes entries (even inf) and noise is a fresh float32 draw per read in the
+    # batched executor, so stochastic rules score differently than under version 1
+    version = 2
     #: tells the Evaluator's "auto" backend that this task is worth worker processes
     parallel = True
 
