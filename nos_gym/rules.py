@@ -10,21 +10,20 @@ apply functions in place. Two executors use them:
 
 - ``apply_rule`` runs one program over a list of parameter tensors (``NOSOptimizer``);
 - ``BatchedRule`` runs B different programs on parameters stacked on a leading axis of size
-  B (row i is trained by program i), with no Python loop over the rules. Each step, every
-  base operand any row reads is computed once for all rows into one "bank" tensor
-  ``(entries, B, D)``; before each unary slot one gather takes each row's operand from the
-  bank *and* orders the rows so that rows choosing the same unary are contiguous; each
-  unary is then one in-place kernel on a slice (a view); before each binary slot one
-  gather per side puts the rows in the binary's order. A step therefore costs a fixed
-  number of kernels per distinct token, whatever B is.
+  B (row i is trained by program i), with no Python loop over the rules: per step, one
+  "bank" of every base operand any row reads, then per group one gather (both sides of
+  every row, ordered by unary), one call per unary token, one gather into the binary's
+  order and one call per binary token. A step costs a fixed number of kernels per
+  distinct token, whatever B is (the class docstring has the details).
 
 Operand definitions (section 4.1, hyperparameters of section 4.2):
 
 - ``m, v, y``: ``m = beta1 m + (1 - beta1) g`` (likewise v from g^2, y from g^3), divided
   by ``1 - beta^t`` when ``Hyper.bias_correction`` (the default, the paper's hats);
 - ``ADAM = m / (sqrt(v) + eps)``, ``RMSProp = g / (sqrt(v) + eps)``;
-- ``noise``: fresh N(0, ``Hyper.noise_std``^2) each step; ``drop(x, p)``: zero each entry
-  with probability p (no rescaling), both from the rule's seeded generator;
+- ``noise``: fresh N(0, ``Hyper.noise_std``^2) each step and each read; ``drop(x, p)``:
+  zero each entry with probability p (no rescaling; an inf entry too), both from the
+  rule's seeded generator;
 - ``x / y`` is ``x / (y + eps)``; ``clip(x, l)`` clamps to [-l, l]; ``log|x|``, ``sqrt|x|``.
 
 Non-finite values are never an error here: they are returned and the caller decides.

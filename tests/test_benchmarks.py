@@ -209,3 +209,19 @@ def test_wrn_smoke_stop_and_resume(tmp_path):
     assert resumed["complete"] and not (part / "checkpoint.pt").exists()
     for name, rs in full["runs"].items():
         assert [r.to_dict() for r in resumed["runs"][name]] == [r.to_dict() for r in rs]
+
+
+def test_env_throughput_pieces_measure_real_work():
+    import env_throughput
+
+    rows = env_throughput.env_steps(episodes=40, depth=2, num_envs=8)
+    assert len(rows) == 3 and all(rate > 100 for _, rate in rows)
+    programs = env_throughput.random_programs(16, depth=2, seed=1)
+    _, _, one = env_throughput.batched_seconds(programs, iterations=60)
+    _, _, split = env_throughput.parallel_seconds(programs, iterations=60, workers=2)
+    deterministic = [i for i, p in enumerate(programs)
+                     if not any(t == "noise" or t.startswith("drop") for t in p.tokens)]
+    assert len(deterministic) >= 3
+    # splitting the batch over processes does not change a deterministic rule's score
+    assert [split[i] for i in deterministic] == [one[i] for i in deterministic]
+    assert len(set(one)) > 3
