@@ -16,6 +16,7 @@ over threads, and the pool's workers use one each.
     python benchmarks/child_throughput.py --quick            # CPU, about a minute
     python benchmarks/child_throughput.py                    # bigger sizes; on a GPU it uses it
     python benchmarks/child_throughput.py --device cuda --groups 7 112 448 896
+    python benchmarks/child_throughput.py --device cuda --random-data --only trainer   # no data there
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import time
 
 import torch
 
-from nos_gym.data import load_cifar10
+from nos_gym.data import load_cifar10, synthetic_cifar10
 from nos_gym.dsl import parse
 from nos_gym.evaluation import Evaluator
 from nos_gym.evaluation.backends import cpu_count
@@ -103,8 +104,13 @@ def pool_rates(candidates: int, workers: int, default_threads: int) -> tuple[flo
     return serial1, serial_n, pool, startup
 
 
-def trainer_table(device: torch.device, images: int, naive_children: int, groups: list[int], precision: str) -> None:
-    data = load_cifar10(device=device)
+def trainer_table(device: torch.device, images: int, naive_children: int, groups: list[int], precision: str,
+                  data_dir: str | None = None, random_data: bool = False) -> None:
+    # random pixels train exactly as fast as real ones: a machine without the data can time it
+    data = (synthetic_cifar10(device, train=max(images, 200), val=100, test=1) if random_data
+            else load_cifar10(data_dir, device=device))
+    if random_data:
+        print("data: random images of CIFAR-10's shapes (--random-data): speed only")
     naive = naive_rate(data, device, naive_children, images)
     rows = [("naive loop: ChildNet + NOSOptimizer (fp32)", 1, naive)]
     for b in groups:
@@ -143,6 +149,9 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, help="candidates per side in (b) (CPU only)")
     ap.add_argument("--threads", type=int, help="torch threads for (a) (default: 1 on CPU)")
     ap.add_argument("--only", choices=["trainer", "pool"], help="run only (a) or only (b)")
+    ap.add_argument("--data-dir", help="CIFAR-10 root (default: nos_gym.data's search path)")
+    ap.add_argument("--random-data", action="store_true",
+                    help="(a) on random images of CIFAR-10's shapes: for a machine without the data")
     args = ap.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -163,7 +172,7 @@ def main() -> None:
           f"load average at start {os.getloadavg()[0]:.1f} (other work on the machine slows every row)")
 
     if args.only != "pool":
-        trainer_table(device, images, naive_children, groups, precision)
+        trainer_table(device, images, naive_children, groups, precision, args.data_dir, args.random_data)
     if not gpu and args.only != "trainer":
         pool_table(candidates, default_threads)
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")

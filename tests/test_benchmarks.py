@@ -225,3 +225,11 @@ def test_env_throughput_pieces_measure_real_work():
     # splitting the batch over processes does not change a deterministic rule's score
     assert [split[i] for i in deterministic] == [one[i] for i in deterministic]
     assert len(set(one)) > 3
+
+
+def test_device_check_passes_its_dry_run_on_cpu(capsys):
+    import device_check
+
+    assert device_check.main(["--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("PASS") == 3 and "3 of 3 checks passed" in out

@@ -110,3 +110,15 @@ def test_normalize_standardises_each_channel(ds):
 def test_dataset_id_names_the_copy():
     a = cifar.dataset_id(SHARED)
     assert a == cifar.dataset_id(SHARED / "cifar-10-batches-py") and len(a) == 16
+
+
+def test_synthetic_set_has_cifar_shapes_and_is_seeded():
+    from nos_gym.data import synthetic_cifar10
+
+    fake = synthetic_cifar10(train=300, val=50, test=20, seed=3)
+    assert [len(s) for s in fake] == [300, 50, 20]
+    assert fake.train.images.shape == (300, 3, 32, 32) and fake.train.images.dtype == torch.uint8
+    assert fake.val.labels.dtype == torch.int64 and set(fake.train.labels.tolist()) == set(range(10))
+    assert torch.equal(synthetic_cifar10(train=300, val=50, test=20, seed=3).train.images, fake.train.images)
+    assert not torch.equal(synthetic_cifar10(train=300, val=50, test=20, seed=4).train.images, fake.train.images)
+    assert normalize(fake.train.images[:10]).dtype == torch.float32
