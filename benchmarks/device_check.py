@@ -22,30 +22,17 @@ import time
 import traceback
 from typing import Callable
 
-import numpy as np
 import torch
 
 from nos_gym.data import synthetic_cifar10
-from nos_gym.dsl import Masker, Program, get_space, parse
+from nos_gym.dsl import Masker, get_space, parse
 from nos_gym.optim import NOSOptimizer
 from nos_gym.rules import BatchedRule
 from nos_gym.tasks.convnet import train_child
 from nos_gym.tasks.grouped import train_children
 
-STOCHASTIC = ("noise", "drop0.1", "drop0.3", "drop0.5")
-
-
-def deterministic_programs(n: int, depth: int, seed: int) -> list[Program]:
-    masker, rng, out = Masker(get_space("extended"), depth), np.random.default_rng(seed), {}
-    while len(out) < n:
-        p = masker.sample(rng)
-        if not any(t in STOCHASTIC for t in p.tokens):
-            out.setdefault(p.canonical_key, p)
-    return list(out.values())
-
-
 def check_executors_agree(device: torch.device) -> str:
-    programs = deterministic_programs(48, 2, seed=5)
+    programs = Masker(get_space("extended"), 2).sample_many(48, seed=5, distinct=True, deterministic=True)
     gen = torch.Generator().manual_seed(0)
     w0 = torch.randn(len(programs), 3, 7, generator=gen).to(device)
 

@@ -49,9 +49,7 @@ class ZeroTask(Task):
 
 
 def random_programs(n: int, depth: int, space: str = "full", seed: int = 0) -> list[Program]:
-    masker = Masker(get_space(space), depth)
-    rng = np.random.default_rng(seed)
-    return [masker.sample(rng) for _ in range(n)]
+    return Masker(get_space(space), depth).sample_many(n, seed)
 
 
 # ------------------------------------------------------------------------------ (a)

@@ -17,7 +17,6 @@ import platform
 import statistics
 import time
 
-import numpy as np
 import torch
 
 from nos_gym.dsl import Masker, get_space
@@ -68,9 +67,7 @@ def optimizer_steps(n_params: int, repeats: int, device: str) -> list[tuple[str,
 
 
 def batched_vs_loop(n_rules: int, n_params: int, steps: int, depth: int, device: str) -> tuple[float, float]:
-    rng = np.random.default_rng(0)
-    masker = Masker(get_space("full"), depth)
-    programs = [masker.sample(rng) for _ in range(n_rules)]
+    programs = Masker(get_space("full"), depth).sample_many(n_rules, seed=0)
     gen = torch.Generator(device=device).manual_seed(0)
     w0 = torch.randn(n_rules, n_params, device=device)
 

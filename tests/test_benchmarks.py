@@ -219,8 +219,7 @@ def test_env_throughput_pieces_measure_real_work():
     programs = env_throughput.random_programs(16, depth=2, seed=1)
     _, _, one = env_throughput.batched_seconds(programs, iterations=60)
     _, _, split = env_throughput.parallel_seconds(programs, iterations=60, workers=2)
-    deterministic = [i for i, p in enumerate(programs)
-                     if not any(t == "noise" or t.startswith("drop") for t in p.tokens)]
+    deterministic = [i for i, p in enumerate(programs) if not p.stochastic]
     assert len(deterministic) >= 3
     # splitting the batch over processes does not change a deterministic rule's score
     assert [split[i] for i in deterministic] == [one[i] for i in deterministic]

@@ -211,3 +211,19 @@ def test_garbage_raises_parse_error_or_parses(text):
     else:
         assert isinstance(program, Program)
         assert parse(program.format()).canonical_key == program.canonical_key
+
+
+def test_stochastic_rules_are_those_that_draw_and_sample_many_filters_them():
+    from nos_gym.dsl import Masker, get_space
+
+    assert parse("drop(g, 0.3)").stochastic and parse("noise * g").stochastic
+    assert not parse("g * exp(sign(g) * sign(m))").stochastic
+    # keep-left's right branch is never computed, so noise there draws nothing
+    assert not Program(("g", "noise", "id", "id", "keep")).stochastic
+    masker = Masker(get_space("full"), 2)
+    drawn = masker.sample_many(40, seed=3)
+    assert drawn == masker.sample_many(40, seed=3) and any(p.stochastic for p in drawn)
+    clean = masker.sample_many(40, seed=3, distinct=True, deterministic=True)
+    assert not any(p.stochastic for p in clean) and len({p.canonical_key for p in clean}) == 40
+    with pytest.raises(ValueError, match="too few"):
+        Masker(get_space("sign"), 1).sample_many(2_000, distinct=True)

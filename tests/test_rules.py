@@ -2,26 +2,15 @@
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
 from nos_gym.dsl import Masker, Program, get_space, parse
 from nos_gym.rules import BatchedRule, Hyper
 
-STOCHASTIC = ("noise", "drop0.1", "drop0.3", "drop0.5")
-
-
 def _random_deterministic_programs(n: int, depth: int, seed: int) -> list[Program]:
     """Distinct random valid programs without drop/noise (whose draws depend on batch layout)."""
-    masker = Masker(get_space("extended"), depth)
-    rng = np.random.default_rng(seed)
-    out: dict[str, Program] = {}
-    while len(out) < n:
-        p = masker.sample(rng)
-        if not any(t in STOCHASTIC for t in p.tokens):
-            out.setdefault(p.canonical_key, p)
-    return list(out.values())
+    return Masker(get_space("extended"), depth).sample_many(n, seed, distinct=True, deterministic=True)
 
 
 def _train(rule: BatchedRule, w0: torch.Tensor, steps: int = 25, lr: float = 1e-2) -> torch.Tensor:

@@ -22,19 +22,11 @@ from nos_gym.tasks.rosenbrock import (
     rosenbrock_grad,
 )
 
-STOCHASTIC = ("noise", "drop0.1", "drop0.3", "drop0.5")
 FIGURE6 = ["powersign", "momentum", "adam", "rmsprop", "sgd"]
 
 
 def _deterministic_programs(n: int, depth: int, space: str, seed: int) -> list[Program]:
-    masker = Masker(get_space(space), depth)
-    rng = np.random.default_rng(seed)
-    out: dict[str, Program] = {}
-    while len(out) < n:
-        p = masker.sample(rng)
-        if not any(t in STOCHASTIC for t in p.tokens):
-            out.setdefault(p.canonical_key, p)
-    return list(out.values())
+    return Masker(get_space(space), depth).sample_many(n, seed, distinct=True, deterministic=True)
 
 
 # ------------------------------------------------------------------------- Rosenbrock

@@ -22,6 +22,7 @@ from nos_gym.dsl.vocabulary import (
     BINARY,
     GROUP_SIZE,
     SLOT_KINDS,
+    STOCHASTIC,
     UNARY,
     Vocabulary,
     is_result_operand,
@@ -97,6 +98,11 @@ class Program:
         """Base operands the update actually depends on (keep-left's dropped branch excluded)."""
         return frozenset(_leaves(_simplify(self.tree)))
 
+    @cached_property
+    def stochastic(self) -> bool:
+        """Whether the update draws random numbers (``noise`` or ``drop``; unused branches aside)."""
+        return any(name in STOCHASTIC for name in _names(_simplify(self.tree)))
+
     # -- notation ------------------------------------------------------------------------
     def format(self) -> str:
         """The rule in the paper's notation, e.g. ``g * exp(sign(g) * sign(m))``."""
@@ -148,6 +154,13 @@ def _simplify(node: Tree) -> Tree:
     if node[1] == "keep":
         return _simplify(node[2])
     return ("b", node[1], _simplify(node[2]), _simplify(node[3]))
+
+
+def _names(node: Tree):
+    """Every operand and function name in the tree."""
+    yield node[1]
+    for child in node[2:]:
+        yield from _names(child)  # type: ignore[arg-type]
 
 
 def _leaves(node: Tree):

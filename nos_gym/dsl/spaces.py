@@ -186,6 +186,27 @@ class Masker:
             prefix.append(int(rng.choice(choices)))
         return Program.from_ids(prefix, self.vocab)
 
+    def sample_many(self, n: int, seed: int | np.random.Generator = 0, *, distinct: bool = False,
+                    deterministic: bool = False) -> list[Program]:
+        """``n`` programs drawn by ``sample``; ``distinct``: no two with one canonical key;
+        ``deterministic``: none that draws random numbers (``Program.stochastic``)."""
+        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        out: dict[object, Program] = {}
+        misses = 0  # draws in a row that added nothing: the space is (nearly) used up
+        while len(out) < n:
+            p = self.sample(rng)
+            key = p.canonical_key if distinct else len(out)
+            if (deterministic and p.stochastic) or key in out:
+                misses += 1
+                if misses > 2_000:
+                    raise ValueError(f"drew {len(out)} of {n} programs (distinct={distinct}, deterministic="
+                                     f"{deterministic}), then 2,000 draws in a row added none: the space "
+                                     f"holds too few such programs")
+                continue
+            misses = 0
+            out[key] = p
+        return list(out.values())
+
     def violations(self, program: Program) -> list[str]:
         """Human-readable list of constraints ``program`` breaks (empty when valid)."""
         out = []

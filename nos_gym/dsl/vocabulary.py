@@ -75,6 +75,8 @@ NOISE_STD = 0.01
 CLIP_LEVELS = {"clip1e-5": 1e-5, "clip1e-4": 1e-4, "clip1e-3": 1e-3}
 DROP_RATES = {"drop0.1": 0.1, "drop0.3": 0.3, "drop0.5": 0.5}
 WEIGHT_SCALES = {"w1e-4": 1e-4, "w1e-3": 1e-3, "w1e-2": 1e-2, "w1e-1": 1e-1}
+#: tokens that draw random numbers: a rule using one scores differently with other draws
+STOCHASTIC: frozenset[str] = frozenset({"noise", *DROP_RATES})
 
 GROUP_SIZE = 5
 # position within a group -> kind of token allowed there
