@@ -14,15 +14,6 @@ from nos_gym.dsl import Constraints, Masker, Program, get_space, parse
 from nos_gym.store import Store
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: more threads only add contention on a shared CPU (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # a cheap reward: Rosenbrock with 200 instead of 4,000 iterations
 FAST = ["--task", "rosenbrock", "--task-options", "{iterations: 200}", "--no-progress"]
 

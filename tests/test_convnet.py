@@ -20,14 +20,6 @@ ADAM, SGD, POWERSIGN = parse("ADAM"), parse("g"), parse("g * exp(sign(g) * sign(
 EXPLODING = parse("exp(g / v)")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # deterministic kernels, and the 2-core CI box is shared
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def ds():
     return load_cifar10(SHARED)

@@ -11,7 +11,6 @@ from nos_gym.dsl import (
     Masker,
     ParseError,
     Program,
-    SPACES,
     SearchSpace,
     Vocabulary,
     get_space,

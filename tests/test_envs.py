@@ -224,7 +224,6 @@ def test_random_masked_episodes_obey_each_constraint_alone(enabled):
 def test_memoised_masks_equal_the_maskers():
     env = OptimizerSearchEnv(task=ZeroTask(), depth=3, space="small")
     masker = Masker(get_space("small"), 3, Constraints())
-    rng = np.random.default_rng(1)
     for _ in range(200):
         _, info = env.reset()
         for pos in range(15):

@@ -20,14 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--task", "rosenbrock", "--task-options", "{iterations: 200}", "--no-progress", "--num-envs", "8"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def trpo():
     return load_agent("trpo_lstm")

@@ -1,0 +1,14 @@
+"""Shared test set-up."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread in every test: deterministic kernels, and the 2-core CI box is shared
+    (two threads on a busy 2-core machine stall far more than they gain)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
