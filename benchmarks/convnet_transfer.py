@@ -47,7 +47,7 @@ from nos_gym.data import CIFAR10CorruptError, CIFAR10NotFoundError, Split, load_
 from nos_gym.optim import get_rule, table1
 from nos_gym.rules import BatchedRule, RuleState
 from nos_gym.tasks.convnet import PAPER_LRS, batch_order, init_child
-from nos_gym.tasks.grouped import GroupedConvNet, evaluate_children, per_child_loss
+from nos_gym.tasks.grouped import GroupedConvNet, evaluate_children, train_step
 
 FIGURE5_RULES = [*FIGURE_BASELINES, *FIGURE_OPTIMIZERS]  # adam, momentum, rmsprop, sgd, optimizer_1, optimizer_2
 PRESETS: dict[str, dict[str, Any]] = {
@@ -107,7 +107,6 @@ def train_curves(programs: Sequence, lrs: Sequence[float], train: Split, val: Sp
     n_evals = max(1, evals_per_epoch) * epochs
     eval_at = {max(1, round(total * k / n_evals)) for k in range(1, n_evals + 1)}
     check_every = check_every or (50 if device.type == "cuda" else 5)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else None
 
     net = GroupedConvNet(b, init_child(seed, filters).to(device), filters, channels_last=True).to(device).train()
     rule = BatchedRule(list(programs), generator=torch.Generator(device=device).manual_seed(int(seed)), device=device)
@@ -118,22 +117,7 @@ def train_curves(programs: Sequence, lrs: Sequence[float], train: Split, val: Sp
     out = [{"epochs": [], "val": [], "test": [], "diverged": False} for _ in range(b)]
     for step, idx in enumerate(batch_order(len(train), batch_size, epochs, seed), start=1):
         idx = idx.to(device, non_blocking=True)
-        x, y = normalize(train.images[idx]), train.labels[idx]
-        if amp is None:
-            logits = net(x)
-        else:
-            with amp:
-                logits = net(x)
-        losses = per_child_loss(logits, y)
-        alive &= torch.isfinite(losses).view(-1, 1)
-        flat = net.flat
-        flat.grad = None
-        torch.where(alive.view(-1), losses, 0.0).sum().backward()
-        with torch.no_grad():
-            d, state = rule.update(state, flat.grad, flat)
-            new = flat - torch.where(alive, lr * d, 0.0)
-            alive &= torch.isfinite(new).all(1, keepdim=True)
-            flat.copy_(torch.where(alive, new, 0.0))
+        state, _ = train_step(net, rule, state, lr, alive, normalize(train.images[idx]), train.labels[idx], precision)
         if step in eval_at:
             accs = []
             for split in (val, test):

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from nos_gym.data import Split, normalize
 from nos_gym.dsl import Program
-from nos_gym.rules import BatchedRule, Hyper
+from nos_gym.rules import BatchedRule, Hyper, RuleState
 from nos_gym.tasks.convnet import batch_order, init_child, layout
 
 BN_MOMENTUM, BN_EPS = 0.1, 1e-5  # nn.BatchNorm2d's defaults, as in ChildNet
@@ -124,6 +124,27 @@ def per_child_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return losses.view(b, n).mean(1)
 
 
+def train_step(net: GroupedConvNet, rule: BatchedRule, state: RuleState, lr: Tensor, alive: Tensor,
+               x: Tensor, y: Tensor, precision: str = "fp32") -> tuple[RuleState, Tensor]:
+    """One step of every child on the minibatch ``(x, y)``: forward, per-child loss, backward,
+    ``w <- w - lr * rule(...)``. ``alive`` (B, 1) is updated in place: a child whose loss or
+    weights turn non-finite is frozen at all-zero weights (finite, so it cannot disturb the
+    others) and skipped from then on. Returns the new rule state and the per-child losses."""
+    with _autocast(x.device, precision):
+        logits = net(x)
+    losses = per_child_loss(logits, y)
+    alive &= torch.isfinite(losses).view(-1, 1)
+    flat = net.flat
+    flat.grad = None
+    torch.where(alive.view(-1), losses, 0.0).sum().backward()
+    with torch.no_grad():
+        d, state = rule.update(state, flat.grad, flat)
+        new = flat - torch.where(alive, lr * d, 0.0)
+        alive &= torch.isfinite(new).all(1, keepdim=True)
+        flat.copy_(torch.where(alive, new, 0.0))
+    return state, losses.detach()
+
+
 def train_children(programs: Sequence[Program], lrs: Sequence[float] | Tensor, train: Split, val: Split, *,
                    epochs: int, batch_size: int, seed: int = 0, filters: int = 32, precision: str = "fp32",
                    hyper: Hyper = Hyper(), init: Tensor | None = None, channels_last: bool = True,
@@ -157,20 +178,8 @@ def train_children(programs: Sequence[Program], lrs: Sequence[float] | Tensor, t
         # (each look is a host sync, which a GPU pays for)
         if steps and (steps & (steps - 1) == 0 or steps % check_every == 0) and not bool(alive.any()):
             break  # every child has diverged: stop early
-        x, y = normalize(train.images[idx]), train.labels[idx]
-        with _autocast(device, precision):
-            logits = net(x)
-        losses = per_child_loss(logits, y)
-        alive &= torch.isfinite(losses).view(b, 1)
-        last_loss = losses.detach()
-        flat.grad = None
-        torch.where(alive.view(b), losses, 0.0).sum().backward()
-        with torch.no_grad():
-            d, state = rule.update(state, flat.grad, flat)
-            new = flat - torch.where(alive, lr * d, 0.0)
-            alive &= torch.isfinite(new).all(1, keepdim=True)
-            # a frozen child keeps all-zero weights: finite, so it cannot disturb anything
-            flat.copy_(torch.where(alive, new, 0.0))
+        state, last_loss = train_step(net, rule, state, lr, alive, normalize(train.images[idx]), train.labels[idx],
+                                      precision)
         steps += 1
     if bool(alive.any()):
         acc, finite = evaluate_children(net, val, batch_size, precision)
