@@ -71,12 +71,14 @@ class Inputs:
     """What operands read at one step: the gradient, the weights, the running averages."""
 
     def __init__(self, g: Values, w: Values, m: Values | None, v: Values | None, y: Values | None,
-                 step: int, hyper: Hyper, generator: torch.Generator | None):
+                 step: int, hyper: Hyper, generator: torch.Generator | None, known: dict[str, Values] | None = None):
         self.g, self.w, self.m, self.v, self.y = g, w, m, v, y
         self.step, self.hyper, self.generator = step, hyper, generator
         # bias-corrected averages and ADAM/RMSProp's denominator, shared by the operands
-        # that read them (m, v, ADAM and RMSProp in one batch compute each hat once)
+        # that read them (m, v, ADAM and RMSProp in one batch compute each hat once);
+        # ``known``: operands the caller already computed this step (g2, g3), never recomputed
         self._shared: dict[str, Values] = {}
+        self._known = known or {}
 
     def _average(self, name: str, beta: float, share: bool = False) -> tuple[Values, bool]:
         raw = getattr(self, name)
@@ -105,6 +107,8 @@ class Inputs:
         h = self.hyper
         if name == "g":
             return self.g, False
+        if name in self._known:
+            return self._known[name], False
         if name == "g2":
             return torch._foreach_mul(self.g, self.g), True
         if name == "g3":
@@ -160,15 +164,15 @@ def drop_(x: Values, rate: float | Values, gen: torch.Generator | None) -> None:
         t.masked_fill_(torch.rand(t.shape, generator=gen, device=t.device) < p, 0.0)
 
 
-def clip_(x: Values, level: float | Values) -> None:
-    """``clip(x, l)``: clamp to [-l, l]; ``level`` as ``drop_``'s ``rate``."""
+def clip_(x: Values, level: float | list[tuple[Tensor, Tensor]]) -> None:
+    """``clip(x, l)``: clamp to [-l, l]. ``level`` is one l for every tensor, or per tensor
+    of ``x`` the bounds ``(-l, l)`` as tensors that broadcast against it (one kernel each)."""
     if not isinstance(level, list):
         torch._foreach_clamp_min_(x, -level)
         torch._foreach_clamp_max_(x, level)
         return
-    for t, lv in zip(x, level):
-        torch.maximum(t, -lv, out=t)
-        torch.minimum(t, lv, out=t)
+    for t, (lo, hi) in zip(x, level):
+        torch.clamp(t, lo, hi, out=t)
 
 
 def _log_abs(x: Values, gen: torch.Generator | None) -> None:
@@ -236,8 +240,8 @@ def needed_averages(programs: Sequence[Program]) -> set[str]:
     return need
 
 
-def update_averages(avgs: dict[str, Values], g: Values, hyper: Hyper) -> None:
-    """Advance the running averages in place by one step."""
+def update_averages(avgs: dict[str, Values], g: Values, hyper: Hyper, g3: Values | None = None) -> None:
+    """Advance the running averages in place by one step (``g3``: g^3 if the caller has it)."""
     if "m" in avgs:
         torch._foreach_lerp_(avgs["m"], g, 1.0 - hyper.beta1)
     if "v" in avgs:
@@ -245,8 +249,9 @@ def update_averages(avgs: dict[str, Values], g: Values, hyper: Hyper) -> None:
         torch._foreach_addcmul_(avgs["v"], g, g, value=1.0 - hyper.beta2)
     if "y" in avgs:
         torch._foreach_mul_(avgs["y"], hyper.beta3)
-        g3 = torch._foreach_mul(g, g)
-        torch._foreach_mul_(g3, g)
+        if g3 is None:
+            g3 = torch._foreach_mul(g, g)
+            torch._foreach_mul_(g3, g)
         torch._foreach_add_(avgs["y"], g3, alpha=1.0 - hyper.beta3)
 
 
@@ -419,11 +424,14 @@ class BatchedRule:
         used = {g[s] for k, grp in enumerate(groups) for g in grp for s in sides[k]}
         base = sorted(t for t in used if not is_result_operand(t))
         self._constant = [t for t in base if t == "one"]                   # written once
+        # g^2 and g^3 first, once: the operands and y's average share them
+        g3 = "g3" in base or "y" in self._needs
+        self._powers = ["g2", "g3"] if g3 else ["g2"] if "g2" in base else []
         self._scaled_w = [t for t in base if t in WEIGHT_SCALES]           # one multiply, every step
-        self._computed = [t for t in base if t not in ("one", "noise", *WEIGHT_SCALES)]  # every step
-        # bank rows: constants, computed operands, weight operands (R rows each), one noise
-        # row per read, results
-        entries = self._constant + self._computed + self._scaled_w
+        self._computed = [t for t in base if t not in ("one", "noise", "g2", "g3", *WEIGHT_SCALES)]
+        # bank rows: constants, powers, computed operands, weight operands (R rows each), one
+        # noise row per read, results
+        entries = self._constant + self._powers + self._computed + self._scaled_w
         offset = {t: i * R for i, t in enumerate(entries)}
         self._noise_start = len(entries) * R
         self._noise_rows = sum(g[s] == "noise" for k, grp in enumerate(groups) for g in grp for s in sides[k])
@@ -484,7 +492,9 @@ class BatchedRule:
         bank = torch.empty(self._bank_rows, D, dtype=dtype, device=device)
         for i, t in enumerate(self._constant):
             bank[i * R: (i + 1) * R].fill_(1.0)  # "one", the only constant operand
-        c0 = len(self._constant) * R
+        p0 = len(self._constant) * R
+        self._power_views = [bank[p0 + i * R: p0 + (i + 1) * R] for i in range(len(self._powers))]
+        c0 = p0 + len(self._powers) * R
         self._computed_view = bank[c0: c0 + len(self._computed) * R].view(len(self._computed), R, D)
         w0 = c0 + len(self._computed) * R
         self._scaled_w_view = bank[w0: w0 + len(self._scaled_w) * R].view(len(self._scaled_w), R, D)
@@ -502,8 +512,9 @@ class BatchedRule:
                 view = [work[lo:hi]]
                 if tok in UNARY_FAMILIES:
                     fn = UNARY_FAMILIES[tok][0]
-                    const = [torch.tensor(consts, dtype=torch.float32 if tok == "drop" else dtype,
-                                          device=device).view(-1, 1)]  # drop compares float32 draws
+                    # drop compares float32 draws; clip takes its bounds (-l, l)
+                    c = torch.tensor(consts, dtype=torch.float32 if tok == "drop" else dtype, device=device).view(-1, 1)
+                    const = [(-c, c)] if tok == "clip" else [c]
                     calls.append(lambda fn=fn, view=view, const=const: fn(view, const, gen))
                 elif tok != "id":
                     fn = UNARY[tok]
@@ -534,13 +545,18 @@ class BatchedRule:
         if self._layout != (R, D, grad.dtype, grad.device):
             self._prepare(R, D, grad.dtype, grad.device)
         h = self.hyper
-        avgs = {k: [t] for k, t in state.averages.items()}
-        update_averages(avgs, [grad], h)
-        step = state.step + 1
         g = grad.reshape(R, D)
+        known: dict[str, Values] = {}
+        if self._powers:
+            known["g2"] = [torch.mul(g, g, out=self._power_views[0])]
+            if len(self._powers) == 2:
+                known["g3"] = [torch.mul(known["g2"][0], g, out=self._power_views[1])]
+        avgs = {k: [t] for k, t in state.averages.items()}
+        update_averages(avgs, [grad], h, g3=[known["g3"][0].view_as(grad)] if "g3" in known else None)
+        step = state.step + 1
         inp = Inputs([g], [params.reshape(R, D)],
                      *([avgs[k][0].reshape(R, D)] if k in avgs else None for k in ("m", "v", "y")),
-                     step, h, self.generator)
+                     step, h, self.generator, known)
         if self._computed:
             torch.stack([inp.get(t)[0][0] for t in self._computed], out=self._computed_view)
         if self._scaled_w:  # the operands w * 10^k (as Inputs.get defines them) as one broadcast multiply
