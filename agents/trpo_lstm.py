@@ -17,7 +17,7 @@ Optimization (section 3.2):
 
 Run it::
 
-    python agents/trpo_lstm.py                       # Rosenbrock fast reward, ~80 s on one CPU core
+    python agents/trpo_lstm.py                       # Rosenbrock fast reward, ~1 minute on one CPU core
     python agents/trpo_lstm.py --total-rules 20000 --space small --depth 1
     python agents/trpo_lstm.py --config configs/paper.yaml   # the paper's settings (CIFAR-10 child)
     python agents/trpo_lstm.py --resume runs/trpo_lstm-rosenbrock-s1-...
@@ -50,7 +50,7 @@ class Args(RunArgs):
     are in ``nos_gym.agents.config.RunArgs``; ``--help`` lists them all."""
 
     total_rules: int = 3000
-    """budget: rules sampled in the whole run (~80 s on one CPU core for Rosenbrock)"""
+    """budget: rules sampled in the whole run (~1 minute on one CPU core for Rosenbrock)"""
     num_envs: int = 100
     """rules per TRPO update, scored together as one batch (the paper: 5; the batched
     Rosenbrock task scores 100 rules in about the time of 10, so more rules per update are cheap)"""
