@@ -53,6 +53,12 @@ from nos_gym.dsl.vocabulary import (
 
 Values = list[Tensor]
 
+#: The version of the language's numerical semantics (operands, functions, random draws).
+#: Every task's fingerprint includes it, so scores computed under other semantics are never
+#: reused from a cache or store. 2: ``drop`` zeroes entries even when inf; ``noise`` is a
+#: fresh float32 draw per read (stochastic rules score differently than under 1).
+SEMANTICS_VERSION = 2
+
 
 @dataclass(frozen=True)
 class Hyper:
@@ -74,11 +80,10 @@ class Inputs:
                  step: int, hyper: Hyper, generator: torch.Generator | None, known: dict[str, Values] | None = None):
         self.g, self.w, self.m, self.v, self.y = g, w, m, v, y
         self.step, self.hyper, self.generator = step, hyper, generator
-        # bias-corrected averages and ADAM/RMSProp's denominator, shared by the operands
-        # that read them (m, v, ADAM and RMSProp in one batch compute each hat once);
-        # ``known``: operands the caller already computed this step (g2, g3), never recomputed
-        self._shared: dict[str, Values] = {}
-        self._known = known or {}
+        # what this step already has, never recomputed: operands the caller computed
+        # (``known``: g2, g3), and the bias-corrected averages and ADAM/RMSProp's denominator
+        # that m, v, ADAM and RMSProp share
+        self._shared: dict[str, Values] = dict(known or {})
 
     def _average(self, name: str, beta: float, share: bool = False) -> tuple[Values, bool]:
         raw = getattr(self, name)
@@ -107,8 +112,8 @@ class Inputs:
         h = self.hyper
         if name == "g":
             return self.g, False
-        if name in self._known:
-            return self._known[name], False
+        if name in self._shared:  # a known operand, or a hat another operand already made
+            return self._shared[name], False
         if name == "g2":
             return torch._foreach_mul(self.g, self.g), True
         if name == "g3":
@@ -197,12 +202,14 @@ UNARY: dict[str, Callable[[Values, torch.Generator | None], None]] = {
 }
 
 #: unary tokens that differ only in a constant: the batched executor runs each family as
-#: one call with a per-row constant, (family function, token -> constant)
-UNARY_FAMILIES: dict[str, tuple[Callable[[Values, Values, torch.Generator | None], None], dict[str, float]]] = {
-    "clip": (lambda x, lv, gen: clip_(x, lv), CLIP_LEVELS),
-    "drop": (drop_, DROP_RATES),
+#: one call with a per-row constant. Per family: (function, token -> constant, the function's
+#: argument made from a column of per-row constants of the data's dtype)
+UNARY_FAMILIES: dict[str, tuple[Callable[[Values, list, torch.Generator | None], None], dict[str, float],
+                                Callable[[Tensor], object]]] = {
+    "clip": (lambda x, bounds, gen: clip_(x, bounds), CLIP_LEVELS, lambda c: (-c, c)),
+    "drop": (drop_, DROP_RATES, lambda c: c.float()),  # compared with float32 draws
 }
-_FAMILY_OF = {tok: fam for fam, (_, consts) in UNARY_FAMILIES.items() for tok in consts}
+_FAMILY_OF = {tok: fam for fam, (_, consts, _) in UNARY_FAMILIES.items() for tok in consts}
 
 BINARY: dict[str, Callable[[Values, Values, float], None]] = {
     "add": lambda a, c, eps: torch._foreach_add_(a, c),
@@ -359,6 +366,9 @@ def _inverse(order: list[int]) -> list[int]:
     return inv
 
 
+_COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128}
+
+
 def _wide_rows(t: Tensor) -> Tensor:
     """``t``'s rows as half as many complex numbers: a row gather then moves half as many
     items (3.5x faster for the Rosenbrock task's 2-number rows). Same bytes, same values."""
@@ -366,9 +376,6 @@ def _wide_rows(t: Tensor) -> Tensor:
         wide = t.view(_COMPLEX_OF[t.dtype])
         return wide.view(-1) if wide.shape[1] == 1 else wide  # 1-D: index_select's fast path
     return t
-
-
-_COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 
 
 @dataclass
@@ -511,10 +518,8 @@ class BatchedRule:
             for tok, lo, hi, consts in _family_runs(grp.runs):
                 view = [work[lo:hi]]
                 if tok in UNARY_FAMILIES:
-                    fn = UNARY_FAMILIES[tok][0]
-                    # drop compares float32 draws; clip takes its bounds (-l, l)
-                    c = torch.tensor(consts, dtype=torch.float32 if tok == "drop" else dtype, device=device).view(-1, 1)
-                    const = [(-c, c)] if tok == "clip" else [c]
+                    fn, _, argument = UNARY_FAMILIES[tok]
+                    const = [argument(torch.tensor(consts, dtype=dtype, device=device).view(-1, 1))]
                     calls.append(lambda fn=fn, view=view, const=const: fn(view, const, gen))
                 elif tok != "id":
                     fn = UNARY[tok]

@@ -198,3 +198,11 @@ def test_registry_makes_builtins_by_name_with_options_and_user_tasks():
     with pytest.raises(ValueError, match="already registered"):
         register("constant-test", ConstantTask)
     assert Result(float("nan")).reward == 0.0 and Result(3.0).reward == 1.0
+
+
+def test_fingerprint_follows_the_languages_semantics_version(monkeypatch):
+    import nos_gym.tasks.base as base
+
+    before = RosenbrockTask().fingerprint
+    monkeypatch.setattr(base, "SEMANTICS_VERSION", base.SEMANTICS_VERSION + 1)
+    assert RosenbrockTask().fingerprint != before  # cached scores of other semantics are not reused

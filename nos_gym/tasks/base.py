@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from nos_gym.dsl import Program
+from nos_gym.rules import SEMANTICS_VERSION
 
 
 @dataclass
@@ -57,8 +58,8 @@ class Task(ABC):
 
     @property
     def fingerprint(self) -> str:
-        blob = json.dumps({"name": self.name, "version": self.version, **self.config()},
-                          sort_keys=True, default=str)
+        blob = json.dumps({"name": self.name, "version": self.version, "semantics": SEMANTICS_VERSION,
+                           **self.config()}, sort_keys=True, default=str)
         return f"{self.name}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
     def __repr__(self) -> str:
