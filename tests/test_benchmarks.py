@@ -228,3 +228,17 @@ def test_device_check_passes_its_dry_run_on_cpu(capsys):
     assert device_check.main(["--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert out.count("PASS") == 3 and "3 of 3 checks passed" in out
+
+
+# ------------------------------------------------------------------- portability (issue 10)
+def test_portability_scores_are_repeatable_and_compared_per_kernel_set(capsys):
+    import portability
+
+    first, again = portability.score(4, 0), portability.score(4, 0)
+    assert first == again  # one kernel set: bit-identical
+    assert set(first) == {"rosenbrock", "quadratic"} and len(first["rosenbrock"]) >= 4 + 8
+    assert all(0.0 <= r <= 1.0 for r in first["rosenbrock"].values())
+    c = portability.compare(first["rosenbrock"], {k: v + (0.05 if i == 0 else 0.0)
+                                                  for i, (k, v) in enumerate(first["rosenbrock"].items())})
+    assert (c["identical"], c["over_1e-2"], round(c["max"], 9)) == (c["rules"] - 1, 1, 0.05)
+    assert "default" in portability.available_capabilities()

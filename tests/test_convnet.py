@@ -13,6 +13,9 @@ from nos_gym.tasks import make
 from nos_gym.tasks.convnet import PRESETS, ChildNet, ConvNetTask, Protocol, init_child, train_child
 from nos_gym.tasks.grouped import GroupedConvNet, per_child_loss, train_children
 
+# numbers that depend on float rounding: CI runs these again with the scalar CPU kernels
+pytestmark = pytest.mark.numerics
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 ADAM, SGD, POWERSIGN = parse("ADAM"), parse("g"), parse("g * exp(sign(g) * sign(m))")
@@ -114,13 +117,38 @@ def test_grouped_network_computes_what_separate_children_compute(ds):
         F.cross_entropy(out, y).backward()
         grad = torch.cat([p.grad.reshape(-1) for p in kid.parameters()])
         assert torch.allclose(logits[i], out, atol=1e-5), i
-        assert torch.allclose(group.flat.grad[i], grad, atol=1e-6), i
+        # fp32 sums over ~10^4 terms in another order (grouped vs plain convolution, and the
+        # kernel set: scalar, AVX2, AVX-512): measured ~9e-7 of the gradient's norm on all
+        # three; a child reading another child's channels would be off by O(1)
+        assert float((group.flat.grad[i] - grad).norm() / grad.norm()) < 1e-5, i
         assert torch.allclose(group.running_mean2.view(4, -1)[i], kid.bn2.running_mean, atol=1e-6)
         assert torch.allclose(group.running_var1.view(4, -1)[i], kid.bn1.running_var, atol=1e-6)
     assert not torch.allclose(logits[0], logits[1], atol=1e-2)
 
 
+def _child_from_group(net: GroupedConvNet, i: int) -> ChildNet:
+    """Child ``i`` of a grouped network as a ``ChildNet``: its weights and batch-norm statistics."""
+    kid = ChildNet().load_flat(net.flat[i].detach())
+    b = net.children_count
+    for k, bn in ((1, kid.bn1), (2, kid.bn2)):
+        bn.running_mean.copy_(getattr(net, f"running_mean{k}").view(b, -1)[i])
+        bn.running_var.copy_(getattr(net, f"running_var{k}").view(b, -1)[i])
+    return kid
+
+
 def test_grouped_training_matches_one_by_one_training_b4_fp32(ds):
+    """The grouped trainer trains what four lone ``NOSOptimizer`` loops train, and scores it the same.
+
+    Compared where the comparison is stable across CPU kernel sets (scalar, AVX2, AVX-512;
+    measured with ATEN_CPU_CAPABILITY): one step agrees to 1e-6; after ten steps the
+    weights agree to ~2e-3 (SGD at lr 0.1) and far better for the others, and the losses to
+    ~2e-3. The ten-step *accuracies* are not compared between the two trainers: after ten
+    steps many validation images sit on near-ties between classes, and a 1e-3 change in the
+    weights moves 2-3% of them (SGD at lr 0.1: 0.200 vs 0.200 with scalar kernels, 0.208 vs
+    0.212 with AVX2, 0.212 vs 0.204 with AVX-512, 0.228 vs 0.204 once under load). What is
+    compared is that the grouped evaluation scores each child's own weights as a lone
+    ``ChildNet`` would: the same prediction on every image that is not a near-tie.
+    """
     programs = [ADAM, SGD, POWERSIGN, parse("RMSProp")]
     lrs = [1e-3, 1e-1, 1e-2, 1e-3]
     train, val = ds.train.take(500), ds.val.take(250)
@@ -128,17 +156,27 @@ def test_grouped_training_matches_one_by_one_training_b4_fp32(ds):
     group = train_children(programs, lrs, train, val, epochs=1, batch_size=50)
     assert group.steps == 10 and group.child_images == 4 * 500
     flats = group.net.flat.detach()
+    x, y = normalize(val.images), val.labels
     for i, (program, lr) in enumerate(zip(programs, lrs)):
         alone1, net1 = train_child(program, lr, train.take(50), val.take(50), epochs=1, batch_size=50)
         assert torch.allclose(net1.flat(), one_step.net.flat[i].detach(), atol=1e-5), program
         alone, net = train_child(program, lr, train, val, epochs=1, batch_size=50)
         # ten steps amplify float rounding a little (sign(g) of tiny gradients); still far below
-        # the differences between rules
+        # the differences between rules (the spread below is > 0.1)
         err = (net.flat() - flats[i]).abs().mean() / net.flat().abs().mean()
         assert err < 1e-2, (program, float(err))
         assert abs(alone.loss - float(group.loss[i])) < 1e-2 * alone.loss, program
-        assert abs(alone.accuracy - float(group.accuracy[i])) <= 0.02, program
         assert not alone.diverged and not bool(group.diverged[i])
+        # the grouped evaluation == a lone ChildNet holding child i's weights and statistics
+        with torch.no_grad():
+            logits = _child_from_group(group.net, i).eval()(x)
+        top2 = logits.topk(2, dim=1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 1e-4  # not a near-tie
+        assert int(clear.sum()) >= 0.95 * len(val)
+        predicted_right = logits.argmax(1) == y
+        lone_correct = int(predicted_right[clear].sum())
+        group_correct = round(float(group.accuracy[i]) * len(val))
+        assert lone_correct <= group_correct <= lone_correct + int((~clear).sum()), program
     # the four rules really trained four different networks
     spread = (flats[0] - flats[1]).abs().mean() / flats[0].abs().mean()
     assert spread > 0.1

@@ -10,6 +10,9 @@ from nos_gym.dsl import Program, parse
 from nos_gym.optim import AddSign, NOSOptimizer, PowerSign, cosine_decay, linear_decay, restart_decay, table1
 from nos_gym.rules import Hyper
 
+# numbers that depend on float rounding: CI runs these again with the scalar CPU kernels
+pytestmark = pytest.mark.numerics
+
 
 def _model() -> torch.nn.Module:
     torch.manual_seed(0)
@@ -76,8 +79,11 @@ def test_every_table1_rule_computes_the_same_numbers_from_its_name_and_its_forma
             assert torch.equal(wa, wb), name
         start = _trajectory(lambda p: torch.optim.SGD(p, lr=0.0), steps=1)[0][0]
         # exp(g) - exp(m) is 0 at step 1 (m-hat = g); with a full-batch gradient the weights
-        # then never move, so m-hat stays equal to g: a true fixed point of that rule.
-        assert torch.equal(a[-1], start) == (name == "expg_minus_expm"), name
+        # then never move, so m-hat stays equal to g: a fixed point of that rule. Exactly 0 with
+        # AVX2/AVX-512 kernels; the scalar kernels round m-hat = 0.1 g / 0.1 off g by an ulp, so
+        # the weights move by ~1e-18 (relative) there. Every other rule moves by more than 1e-5.
+        moved = float((a[-1] - start).abs().max() / start.abs().max())
+        assert (moved < 1e-12) == (name == "expg_minus_expm"), (name, moved)
 
 
 def test_state_dict_round_trip_resumes_exactly():

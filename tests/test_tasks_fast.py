@@ -22,6 +22,9 @@ from nos_gym.tasks.rosenbrock import (
     rosenbrock_grad,
 )
 
+# numbers that depend on float rounding: CI runs these again with the scalar CPU kernels
+pytestmark = pytest.mark.numerics
+
 FIGURE6 = ["powersign", "momentum", "adam", "rmsprop", "sgd"]
 
 
@@ -67,14 +70,20 @@ def test_figure6_rules_in_the_dsl_scored_by_the_task():
     Adam (Adam's final loss is 9% lower). The DSL's Momentum is the bias-corrected
     average m, which at lr 1e-2 takes a first step of 1e-2 * |g| ~ 2 and diverges, so on
     this grid it only gets lr 1e-3 (about heavy-ball at 1e-4) and ends level with SGD.
+
+    Only the losses that are the same under every CPU kernel set are pinned
+    (``benchmarks/portability.py``; measured with ATEN_CPU_CAPABILITY=default, avx2 and
+    avx512). RMSProp's best run (lr 1e-2) is chaotic: it ends at 8.0e-4 with AVX2/AVX-512
+    kernels and at 1.2e-2 with the scalar ones, so it is only bounded.
     """
     task = make("rosenbrock")
     results = dict(zip(FIGURE6, task.evaluate([get_rule(n) for n in FIGURE6])))
     best = {n: r.metrics["best_loss"] for n, r in results.items()}
-    expected = {"powersign": 9.6218e-06, "adam": 8.8106e-06, "rmsprop": 8.0049e-04,
-                "momentum": 8.7900e-03, "sgd": 9.4133e-03}
+    # same to 4e-4 relative on all three kernel sets (PowerSign 9.6180e-06 with the scalar ones)
+    expected = {"powersign": 9.6218e-06, "adam": 8.8106e-06, "momentum": 8.7900e-03, "sgd": 9.4133e-03}
     for name, value in expected.items():
         assert best[name] == pytest.approx(value, rel=1e-3), name
+    assert 1e-4 < best["rmsprop"] < 5e-2 and best["rmsprop"] > 10 * best["powersign"]
     reward = {n: r.reward for n, r in results.items()}
     assert reward["powersign"] > reward["rmsprop"] + 0.1
     assert reward["powersign"] > reward["sgd"] + 0.2
