@@ -249,7 +249,13 @@ class OptimizerSearchEnv(gym.Env[np.ndarray, np.int64]):
       constraints (section 4.1), each on by default, enforced through the masks.
     - ``invalid_action``: "project" (default) or "raise".
     - ``observation``: "tokens" (default, MultiDiscrete) or "onehot" (Box).
-    - ``render_mode``: None or "ansi" (``render()`` returns the program so far as text).
+    - ``render_mode``: None, "ansi" (``render()`` returns the program so far as text) or
+      "rgb_array" (``render()`` returns an ``(H, W, 3)`` uint8 picture of the rule being
+      written: the paper's computation graph, operands -> unary -> binary, each group's
+      result ``r{k}`` feeding later groups, empty slots as dashed placeholders and the
+      reward once the rule is scored; ``nos_gym.envs.render.draw_program`` draws it,
+      so ``gymnasium.wrappers.RecordVideo``, ``render_mode="rgb_array_list"`` and SB3's
+      ``make_vec_env`` (which asks for "rgb_array") work). H = 400, W = max(480, 320 * depth).
 
     Preset ids: ``OptimizerSearch-Rosenbrock-v0`` (Rosenbrock, full space, depth 2),
     ``OptimizerSearch-RosenbrockSmall-v0`` (Rosenbrock, small space, depth 1: a search
@@ -258,10 +264,11 @@ class OptimizerSearchEnv(gym.Env[np.ndarray, np.int64]):
 
     ## Version History
 
-    * v0: Initial version.
+    * v0: Initial version. Later in v0: ``render_mode="rgb_array"`` added (rendering only:
+      spaces, dynamics and rewards unchanged, so the version stays v0).
     """
 
-    metadata = {"render_modes": ["ansi"], "render_fps": 4}
+    metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
 
     def __init__(self, task: str | Task | None = None, depth: int = 2, space: str | SearchSpace = "full",
                  distinct_operands: bool = True, no_final_addition: bool = True, reuse_result: bool = True,
@@ -294,6 +301,7 @@ class OptimizerSearchEnv(gym.Env[np.ndarray, np.int64]):
         self._mask = self.masks.mask([])
         self._done = True
         self._last_info: dict[str, Any] = {}
+        self._last_reward: float | None = None
 
     # ------------------------------------------------------------------------- API
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
@@ -303,6 +311,7 @@ class OptimizerSearchEnv(gym.Env[np.ndarray, np.int64]):
         self._mask = self.masks.mask(self._ids)
         self._done = False
         self._last_info = {}
+        self._last_reward = None
         return self._observe(), {"action_mask": self._mask.astype(np.int8)}
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
@@ -332,13 +341,22 @@ class OptimizerSearchEnv(gym.Env[np.ndarray, np.int64]):
         info["action_mask"] = self._mask.astype(np.int8)
         info["projected"] = projected
         self._last_info = info
-        return self._observe(), float(result.reward), True, False, info
+        self._last_reward = float(result.reward)
+        return self._observe(), self._last_reward, True, False, info
 
     def action_masks(self) -> np.ndarray:
         """Bool mask of the valid actions now (all False once the program is complete)."""
         return self._mask.copy()
 
-    def render(self) -> str | None:
+    def render(self) -> str | np.ndarray | None:
+        if self.render_mode == "rgb_array":
+            from nos_gym.envs.render import draw_program
+
+            note = None
+            if self._last_reward is not None:
+                cached = " (cached)" if self._last_info.get("cached") else ""
+                note = f"reward {self._last_reward:.4f}{cached}"
+            return draw_program(self._ids, self.vocab, self.depth, note=note)
         if self.render_mode != "ansi":
             return None
         toks = [self.vocab.tokens[i] for i in self._ids] + ["_"] * (self.length - len(self._ids))

@@ -67,7 +67,7 @@ class OptimizerSearchVectorEnv(VectorEnv):
     ``cached`` and ``error`` (object or bool arrays, one entry per sub-env).
     """
 
-    metadata = {"render_modes": ["ansi"], "autoreset_mode": AutoresetMode.NEXT_STEP}
+    metadata = {"render_modes": ["ansi", "rgb_array"], "autoreset_mode": AutoresetMode.NEXT_STEP}
 
     def __init__(self, num_envs: int = 1, task: str | Task | None = None, depth: int = 2,
                  space: str | SearchSpace = "full", distinct_operands: bool = True,
@@ -88,8 +88,9 @@ class OptimizerSearchVectorEnv(VectorEnv):
                              f"got {autoreset_mode!r}") from None
         if observation not in OBSERVATION_MODES:
             raise ValueError(f"observation must be one of {OBSERVATION_MODES}, got {observation!r}")
-        if render_mode is not None and render_mode != "ansi":
-            raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
+        if render_mode is not None and render_mode not in type(self).metadata["render_modes"]:
+            raise ValueError(f"render_mode must be None or one of {type(self).metadata['render_modes']}, "
+                             f"got {render_mode!r}")
         self.num_envs = int(num_envs)
         self.depth = int(depth)
         self.length = GROUP_SIZE * self.depth
@@ -201,7 +202,13 @@ class OptimizerSearchVectorEnv(VectorEnv):
         """``(N, V)`` bool masks of the valid actions now (all False once the programs are complete)."""
         return self._mask.copy()
 
-    def render(self) -> tuple[str, ...] | None:
+    def render(self) -> tuple[str, ...] | tuple[np.ndarray, ...] | None:
+        """One entry per sub-env, as ``SyncVectorEnv`` gives: text ("ansi") or the
+        ``(H, W, 3)`` uint8 picture of each rule so far ("rgb_array", see ``nos_gym.envs.render``)."""
+        if self.render_mode == "rgb_array":
+            from nos_gym.envs.render import draw_program
+
+            return tuple(draw_program(row[: self._pos], self.vocab, self.depth) for row in self._ids)
         if self.render_mode != "ansi":
             return None
         tokens = self.vocab.tokens
@@ -332,6 +339,8 @@ def _make_sb3_class(VecEnv: type) -> type:
             return [False for _ in self._get_indices(indices)]
 
         def get_images(self) -> Sequence[np.ndarray | None]:
+            if self.venv_gym.render_mode == "rgb_array":
+                return list(self.venv_gym.render())
             return [None for _ in range(self.num_envs)]
 
     SB3VecEnv.__module__ = __name__
