@@ -14,9 +14,9 @@ from nos_gym.envs.vector import OptimizerSearchVectorEnv, make_vector_env
 
 def __getattr__(name: str) -> Any:
     if name == "SB3VecEnv":
-        from nos_gym.envs import vector
+        from nos_gym.envs.sb3 import SB3VecEnv  # stable_baselines3 imports torch: only on first use
 
-        return vector.SB3VecEnv
+        return SB3VecEnv
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -155,9 +155,13 @@ def onehot(tokens_obs: np.ndarray, V: int) -> np.ndarray:
     return out.reshape(*tokens_obs.shape[:-1], -1)
 
 
+#: the keys of a finished episode's info, besides ``action_mask`` and ``projected``
+TERMINAL_KEYS = ("tokens", "rule", "canonical_key", "metrics", "cached", "error")
+
+
 def terminal_info(program: Program, result: Result) -> dict[str, Any]:
     """The info of a finished episode (fresh objects: the caller may keep and change it)."""
-    return {
+    info = {
         "tokens": program.tokens,
         "rule": program.format(),
         "canonical_key": program.canonical_key,
@@ -165,6 +169,8 @@ def terminal_info(program: Program, result: Result) -> dict[str, Any]:
         "cached": bool(result.cached),
         "error": result.error,
     }
+    assert tuple(info) == TERMINAL_KEYS
+    return info
 
 
 class OptimizerSearchEnv(gym.Env[np.ndarray, np.int64]):
@@ -289,8 +295,8 @@ class OptimizerSearchEnv(gym.Env[np.ndarray, np.int64]):
         self.invalid_action = invalid_action
         self.render_mode = render_mode
         self.evaluator = make_evaluator(task, evaluator, task_options)
-        self.masks = MaskTable(Masker(self.space, self.depth, self.constraints))
-        self.vocab = self.masks.vocab
+        self.mask_table = MaskTable(Masker(self.space, self.depth, self.constraints))
+        self.vocab = self.mask_table.vocab
         self.length = GROUP_SIZE * self.depth
         V = len(self.vocab)
         self.action_space = spaces.Discrete(V)
@@ -298,7 +304,7 @@ class OptimizerSearchEnv(gym.Env[np.ndarray, np.int64]):
         self.observation_space = observation_space(observation, self.length, V)
         self._obs = np.zeros(self.length + 1, dtype=np.int64)
         self._ids: list[int] = []
-        self._mask = self.masks.mask([])
+        self._mask = self.mask_table.mask([])
         self._done = True
         self._last_info: dict[str, Any] = {}
         self._last_reward: float | None = None
@@ -308,7 +314,7 @@ class OptimizerSearchEnv(gym.Env[np.ndarray, np.int64]):
         super().reset(seed=seed)
         self._obs[:] = 0
         self._ids = []
-        self._mask = self.masks.mask(self._ids)
+        self._mask = self.mask_table.mask(self._ids)
         self._done = False
         self._last_info = {}
         self._last_reward = None
@@ -330,7 +336,7 @@ class OptimizerSearchEnv(gym.Env[np.ndarray, np.int64]):
         self._obs[pos] = a + 1
         self._obs[self.length] = pos + 1
         if pos + 1 < self.length:
-            self._mask = self.masks.mask(self._ids)
+            self._mask = self.mask_table.mask(self._ids)
             return self._observe(), 0.0, False, False, {"action_mask": self._mask.astype(np.int8),
                                                           "projected": projected}
         self._done = True

@@ -10,8 +10,9 @@ Two front ends:
 - ``OptimizerSearchVectorEnv``: a ``gymnasium.vector.VectorEnv``, what
   ``gymnasium.make_vec("OptimizerSearch-v0", num_envs=N, vectorization_mode="vector_entry_point")``
   returns. Masks come as an ``(N, V)`` array (``action_masks()``, ``info["action_mask"]``).
-- ``SB3VecEnv``: a ``stable_baselines3`` ``VecEnv`` over it, so SB3 and sb3-contrib
-  (MaskablePPO reads ``env_method("action_masks")``) also score their N programs as one batch.
+- ``SB3VecEnv`` (``nos_gym/envs/sb3.py``, as ``nos_gym.envs.SB3VecEnv``): a
+  ``stable_baselines3`` ``VecEnv`` over it, so SB3 and sb3-contrib (MaskablePPO reads
+  ``env_method("action_masks")``) also score their N programs as one batch.
 
 **Autoreset.** Gymnasium 1.x vector envs declare ``metadata["autoreset_mode"]``. The
 default here is ``AutoresetMode.NEXT_STEP`` (Gymnasium's default): the step that finishes
@@ -38,6 +39,7 @@ from nos_gym.dsl.vocabulary import GROUP_SIZE
 from nos_gym.envs.optimizer_search import (
     INVALID_ACTION_MODES,
     OBSERVATION_MODES,
+    TERMINAL_KEYS,
     EvaluatorLike,
     InvalidActionError,
     MaskTable,
@@ -46,12 +48,10 @@ from nos_gym.envs.optimizer_search import (
     make_evaluator,
     observation_space,
     onehot,
+    project_action,
     terminal_info,
 )
 from nos_gym.tasks.base import Task
-
-_TERMINAL_KEYS = ("tokens", "rule", "canonical_key", "metrics", "cached", "error")
-
 
 class OptimizerSearchVectorEnv(VectorEnv):
     """N ``OptimizerSearchEnv`` sub-environments in lockstep, their programs scored as one batch.
@@ -104,8 +104,8 @@ class OptimizerSearchVectorEnv(VectorEnv):
         self.autoreset_mode = mode
         self.metadata = {**type(self).metadata, "autoreset_mode": mode}
         self.evaluator = make_evaluator(task, evaluator, task_options)
-        self.masks = MaskTable(Masker(self.space, self.depth, self.constraints))
-        self.vocab = self.masks.vocab
+        self.mask_table = MaskTable(Masker(self.space, self.depth, self.constraints))
+        self.vocab = self.mask_table.vocab
         V = len(self.vocab)
         self.single_action_space = spaces.Discrete(V)
         self.observation = observation
@@ -135,38 +135,45 @@ class OptimizerSearchVectorEnv(VectorEnv):
                 raise RuntimeError("the programs are complete and autoreset_mode is DISABLED: call reset()")
             obs, info = self._restart()  # NEXT_STEP: this step only resets; its actions are ignored
             return obs, np.zeros(N), np.zeros(N, dtype=bool), np.zeros(N, dtype=bool), info
+        acts, projected = self._valid_actions(actions)
+        self._ids[:, self._pos] = acts
+        self._pos += 1
+        obs = self._observation()
+        if self._pos < self.length:
+            self._mask = self.mask_table.masks(self._ids[:, : self._pos])
+            info = {"action_mask": self._mask.astype(np.int8), "projected": projected}
+            return obs, np.zeros(N), np.zeros(N, dtype=bool), np.zeros(N, dtype=bool), self._with_masks(info)
+        return self._finish(obs, projected)
+
+    def _valid_actions(self, actions: Any) -> tuple[np.ndarray, np.ndarray]:
+        """``actions`` as N valid token ids (invalid ones projected, or an error in "raise" mode)
+        and which of them were projected."""
+        N, V = self.num_envs, len(self.vocab)
         acts = np.asarray(actions)
         if acts.shape != (N,):
             acts = acts.reshape(-1)
             if acts.shape != (N,):
                 raise ValueError(f"actions must be {N} token ids, one per sub-env; got shape {np.shape(actions)}")
-        V = len(self.vocab)
         if not np.issubdtype(acts.dtype, np.integer):
             acts = np.array([action_index(a, V) for a in acts], dtype=np.int64)
         elif acts.min() < 0 or acts.max() >= V:
             bad = int(acts[(acts < 0) | (acts >= V)][0])
             raise ValueError(f"action {bad} is outside Discrete({V}): token ids are 0..{V - 1}")
         acts = acts.astype(np.int64, copy=True)
-        rows = np.arange(N)
-        invalid = ~self._mask[rows, acts]
+        invalid = ~self._mask[np.arange(N), acts]
         if invalid.any():
             if self.invalid_action == "raise":
                 i = int(np.flatnonzero(invalid)[0])
                 raise InvalidActionError(f"sub-env {i}: " + invalid_action_message(
                     self.vocab, self._pos, int(acts[i]), self._mask[i]))
             for i in np.flatnonzero(invalid):
-                valid = np.flatnonzero(self._mask[i])
-                acts[i] = valid[acts[i] % len(valid)]
-        pos = self._pos
-        self._ids[:, pos] = acts
-        self._pos = pos + 1
-        obs = self._observation()
-        rewards = np.zeros(N)
-        if self._pos < self.length:
-            self._mask = self.masks.masks(self._ids[:, : self._pos])
-            info = {"action_mask": self._mask.astype(np.int8), "projected": invalid}
-            return obs, rewards, np.zeros(N, dtype=bool), np.zeros(N, dtype=bool), self._with_masks(info)
-        # the programs are complete: score all N as one batch
+                acts[i] = project_action(int(acts[i]), self._mask[i])
+        return acts, invalid
+
+    def _finish(self, obs: np.ndarray, projected: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                      np.ndarray, dict[str, Any]]:
+        """The last step: score the N complete programs as one batch; autoreset as configured."""
+        N = self.num_envs
         programs = [Program.from_ids(row, self.vocab) for row in self._ids]
         self.last_programs = programs
         results = self.evaluator.evaluate(programs)
@@ -175,28 +182,26 @@ class OptimizerSearchVectorEnv(VectorEnv):
         rewards = np.array([float(r.reward) for r in results])
         per_env = [terminal_info(p, r) for p, r in zip(programs, results)]
         info: dict[str, Any] = {}
-        for key in _TERMINAL_KEYS:
+        for key in TERMINAL_KEYS:
             arr = np.zeros(N, dtype=bool) if key == "cached" else np.empty(N, dtype=object)
             for i, d in enumerate(per_env):
                 arr[i] = d[key]
             info[key] = arr
-        info["projected"] = invalid
-        terminated = np.ones(N, dtype=bool)
-        truncated = np.zeros(N, dtype=bool)
-        self._mask = np.zeros((N, V), dtype=bool)
-        if self.autoreset_mode == AutoresetMode.SAME_STEP:
-            info["action_mask"] = self._mask.astype(np.int8)
-            final_info = self._with_masks(info)
-            final_obs = np.empty(N, dtype=object)
-            for i in range(N):
-                final_obs[i] = obs[i].copy()
-            obs, reset_info = self._restart()
-            reset_info.update({"final_obs": final_obs, "_final_obs": np.ones(N, dtype=bool),
-                               "final_info": final_info, "_final_info": np.ones(N, dtype=bool)})
-            return obs, rewards, terminated, truncated, reset_info
-        self._state = "finished"
+        info["projected"] = projected
+        terminated, truncated = np.ones(N, dtype=bool), np.zeros(N, dtype=bool)
+        self._mask = np.zeros((N, len(self.vocab)), dtype=bool)
         info["action_mask"] = self._mask.astype(np.int8)
-        return obs, rewards, terminated, truncated, self._with_masks(info)
+        if self.autoreset_mode != AutoresetMode.SAME_STEP:
+            self._state = "finished"
+            return obs, rewards, terminated, truncated, self._with_masks(info)
+        final_info = self._with_masks(info)
+        final_obs = np.empty(N, dtype=object)
+        for i in range(N):
+            final_obs[i] = obs[i].copy()
+        obs, reset_info = self._restart()
+        reset_info.update({"final_obs": final_obs, "_final_obs": np.ones(N, dtype=bool),
+                           "final_info": final_info, "_final_info": np.ones(N, dtype=bool)})
+        return obs, rewards, terminated, truncated, reset_info
 
     def action_masks(self) -> np.ndarray:
         """``(N, V)`` bool masks of the valid actions now (all False once the programs are complete)."""
@@ -220,7 +225,7 @@ class OptimizerSearchVectorEnv(VectorEnv):
         self._ids[:] = 0
         self._pos = 0
         self._state = "running"
-        self._mask = self.masks.masks(self._ids[:, :0])
+        self._mask = self.mask_table.masks(self._ids[:, :0])
         return self._observation(), self._with_masks({"action_mask": self._mask.astype(np.int8)})
 
     def _observation(self) -> np.ndarray:
@@ -241,110 +246,4 @@ def make_vector_env(num_envs: int = 1, **kwargs: Any) -> OptimizerSearchVectorEn
     return OptimizerSearchVectorEnv(num_envs=num_envs, **kwargs)
 
 
-# ----------------------------------------------------------------------------- SB3
-# stable_baselines3 imports torch, so the adapter class is built on first access
-# (``from nos_gym.envs.vector import SB3VecEnv``), keeping this module light.
-def __getattr__(name: str) -> Any:
-    if name == "SB3VecEnv":
-        from stable_baselines3.common.vec_env import VecEnv
-
-        cls = _make_sb3_class(VecEnv)
-        globals()["SB3VecEnv"] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-_SB3_DOC = """An SB3 ``VecEnv`` over an ``OptimizerSearchVectorEnv`` (given, or made from ``kwargs``).
-
-    Same-step reset as SB3 expects (``infos[i]["terminal_observation"]``), ``infos`` as a
-    list of dicts, and ``action_masks()`` / ``env_method("action_masks")`` returning the
-    ``(N, V)`` masks, so sb3-contrib's MaskablePPO samples valid programs and the N
-    programs of each lockstep episode are scored as one batch:
-
-    >>> venv = SB3VecEnv(num_envs=16, task="rosenbrock", depth=1, space="small")
-    >>> model = MaskablePPO("MlpPolicy", VecMonitor(venv)).learn(10_000)
-    """
-
-
-def _make_sb3_class(VecEnv: type) -> type:
-    class SB3VecEnv(VecEnv):
-        __doc__ = _SB3_DOC
-
-        def __init__(self, env: OptimizerSearchVectorEnv | None = None, **kwargs: Any):
-            if env is None:
-                env = OptimizerSearchVectorEnv(**kwargs)
-            elif kwargs:
-                raise ValueError(f"pass either an OptimizerSearchVectorEnv or its arguments, not both "
-                                 f"({sorted(kwargs)})")
-            if not isinstance(env, OptimizerSearchVectorEnv):
-                raise TypeError(f"SB3VecEnv wraps an OptimizerSearchVectorEnv, got {type(env).__name__}")
-            env.autoreset_mode = AutoresetMode.DISABLED  # this class resets in the same step itself
-            env.metadata = {**env.metadata, "autoreset_mode": AutoresetMode.DISABLED}
-            self.venv_gym = env
-            self._actions: np.ndarray | None = None
-            super().__init__(env.num_envs, env.single_observation_space, env.single_action_space)
-
-        # -- VecEnv -----------------------------------------------------------------------
-        def reset(self) -> np.ndarray:
-            seed = self._seeds[0] if self._seeds and self._seeds[0] is not None else None
-            obs, info = self.venv_gym.reset(seed=seed)
-            self._reset_seeds()
-            self._reset_options()
-            self.reset_infos = [{} for _ in range(self.num_envs)]
-            return obs
-
-        def step_async(self, actions: np.ndarray) -> None:
-            self._actions = np.asarray(actions)
-
-        def step_wait(self):
-            obs, rewards, terminated, truncated, info = self.venv_gym.step(self._actions)
-            N = self.num_envs
-            dones = terminated | truncated
-            infos: list[dict[str, Any]] = [{} for _ in range(N)]
-            for key, value in info.items():
-                if key.startswith("_") or key == "action_mask":
-                    continue
-                present = info.get(f"_{key}", np.ones(N, dtype=bool))
-                for i in range(N):
-                    if present[i]:
-                        infos[i][key] = value[i]
-            if dones.all():
-                for i in range(N):
-                    infos[i]["terminal_observation"] = obs[i]
-                    infos[i]["TimeLimit.truncated"] = False
-                obs, _ = self.venv_gym.reset()
-            return obs, rewards.astype(np.float32), dones, infos
-
-        def close(self) -> None:
-            self.venv_gym.close()
-
-        def action_masks(self) -> np.ndarray:
-            return self.venv_gym.action_masks()
-
-        def get_attr(self, attr_name: str, indices=None) -> list[Any]:
-            return [getattr(self.venv_gym, attr_name) for _ in self._get_indices(indices)]
-
-        def set_attr(self, attr_name: str, value: Any, indices=None) -> None:
-            setattr(self.venv_gym, attr_name, value)
-
-        def env_method(self, method_name: str, *method_args, indices=None, **method_kwargs) -> list[Any]:
-            idx = list(self._get_indices(indices))
-            if method_name == "action_masks":
-                masks = self.venv_gym.action_masks()
-                return [masks[i] for i in idx]
-            result = getattr(self.venv_gym, method_name)(*method_args, **method_kwargs)
-            return [result for _ in idx]
-
-        def env_is_wrapped(self, wrapper_class: type, indices=None) -> list[bool]:
-            return [False for _ in self._get_indices(indices)]
-
-        def get_images(self) -> Sequence[np.ndarray | None]:
-            if self.venv_gym.render_mode == "rgb_array":
-                return list(self.venv_gym.render())
-            return [None for _ in range(self.num_envs)]
-
-    SB3VecEnv.__module__ = __name__
-    return SB3VecEnv
-
-
-__all__ = ["OptimizerSearchVectorEnv", "SB3VecEnv", "make_vector_env"]
+__all__ = ["OptimizerSearchVectorEnv", "make_vector_env"]
