@@ -6,10 +6,14 @@
     nos-gym top runs/trpo_lstm-rosenbrock-s1-...        # a run's leaderboard
     nos-gym top runs/store.sqlite                        # the store's, per task
     nos-gym plot runs/trpo_lstm-rosenbrock-s1-...       # reward vs sampled rules (Figure 4), PNG
+    nos-gym export runs/store.sqlite copy.sqlite         # a consistent single-file copy (or .jsonl, .csv)
 
 ``search`` hands every flag after the agent's name to the agent script
 (``agents/NAME.py --help`` lists them); ``--agent`` may also be a path to your own
 agent script that defines ``Args`` and ``main(argv)``.
+
+A bad input (setting, rule, task option, a file that is not a store, an unwritable
+folder) ends with one line on stderr and exit code 2; Ctrl-C that reaches here, 130.
 """
 
 from __future__ import annotations
@@ -79,6 +83,9 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--store", default=None, help="read/write scores in this SQLite store")
     p.add_argument("--backend", default="serial", choices=["serial", "process", "ray"])
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--draw", metavar="OUT.png", default=None,
+                   help="also draw each rule's computation graph as a PNG: the first rule to OUT.png, "
+                        "the next ones to OUT-2.png, OUT-3.png, ...")
     a = p.parse_args(argv)
     if a.task not in available():
         raise ConfigError(f"--task: unknown task {a.task!r}; allowed values: {available()}")
@@ -89,9 +96,18 @@ def cmd_eval(argv: list[str]) -> int:
         try:
             programs.append(get_rule(text))
         except ParseError as e:
-            print(f"nos-gym eval: cannot parse {text!r}: {e}", file=sys.stderr)
+            shown = text if len(text) <= 80 else text[:60] + f"... ({len(text)} characters)"
+            print(f"nos-gym eval: cannot parse {shown!r}: {e}", file=sys.stderr)
             return 2
-    with Evaluator(a.task, backend=a.backend, store=a.store, **a.task_options) as ev:
+    task = _make_task(a.task, a.task_options)  # bad options fail here, before anything is written
+    if a.draw:  # before scoring; stderr keeps --json's stdout pure JSON
+        from nos_gym.envs.render import save_program_png
+
+        draw = Path(a.draw)
+        for i, prog in enumerate(programs):
+            out = draw if i == 0 else draw.with_name(f"{draw.stem}-{i + 1}{draw.suffix}")
+            print(f"drew {prog} -> {save_program_png(prog, out)}", file=sys.stderr)
+    with Evaluator(task, backend=a.backend, store=a.store) as ev:
         results = ev.evaluate(programs)
         fingerprint = ev.fingerprint
     if a.json:
@@ -114,15 +130,42 @@ def _short(v: object) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def _make_task(name: str, options: dict):
+    """The task, or a ConfigError naming the bad --task-options entry."""
+    import inspect
+    import re
+
+    from nos_gym.agents import ConfigError
+    from nos_gym.tasks import make, registry
+
+    try:
+        return make(name, **options)
+    except TypeError as e:
+        bad = re.search(r"unexpected keyword argument '([^']*)'", str(e))
+        if bad is None:
+            raise ConfigError(f"--task-options: task {name!r}: {e}") from e
+        try:  # the factory is resolved by now: list what it takes
+            params = inspect.signature(registry._FACTORIES[name]).parameters.values()
+            names = [q.name for q in params if q.kind in (q.POSITIONAL_OR_KEYWORD, q.KEYWORD_ONLY)]
+            allowed = f"; its options: {names}"
+        except Exception:
+            allowed = ""
+        raise ConfigError(f"--task-options: task {name!r} has no option {bad.group(1)!r}{allowed}") from e
+    except ValueError as e:
+        raise ConfigError(f"--task-options: task {name!r}: {e}") from e
+
+
 # -------------------------------------------------------------------------------- top
 def cmd_top(argv: list[str]) -> int:
-    from nos_gym.agents import format_top, read_log, top_rules
+    from nos_gym.agents import ConfigError, format_top, read_log, top_rules
 
     p = argparse.ArgumentParser(prog="nos-gym top", description="Leaderboard of a run directory or a store.")
     p.add_argument("path", help="a run directory (with log.jsonl) or a SQLite store file")
     p.add_argument("-k", "--top", type=int, default=10)
     p.add_argument("--task", default=None, help="store only: a task name or fingerprint to show (default: all)")
     a = p.parse_args(argv)
+    if a.top < 1:
+        raise ConfigError(f"-k/--top must be at least 1, got {a.top}")
     path = Path(a.path)
     if path.is_dir():
         records = read_log(path)
@@ -132,9 +175,14 @@ def cmd_top(argv: list[str]) -> int:
     if not path.is_file():
         print(f"nos-gym top: {path} is neither a run directory nor a store file", file=sys.stderr)
         return 2
-    from nos_gym.store import Store
+    from nos_gym.store import Store, StoreError
 
-    with Store(path) as store:
+    try:
+        store = Store(path, readonly=True)  # a reader never writes: not even to a file that is no store
+    except StoreError as e:
+        print(f"nos-gym top: {e}; give a run directory (with log.jsonl) or a store file", file=sys.stderr)
+        return 2
+    with store:
         tasks = store.tasks()
         fingerprints = sorted({r.fingerprint for r in store.records()})
         if a.task is not None:
@@ -157,30 +205,35 @@ def cmd_top(argv: list[str]) -> int:
 def cmd_plot(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="nos-gym plot", description="Reward against sampled rules (Figure 4), as a PNG.")
     p.add_argument("run_dirs", nargs="+", help="one or more run directories")
-    p.add_argument("-o", "--out", default=None, help="PNG path (default: RUN_DIR/reward.png)")
+    p.add_argument("-o", "--out", default=None,
+                   help="image path (default: RUN_DIR/reward.png); its suffix picks the format (png, pdf, svg, ...), "
+                        "and a path without such a suffix gets .png added; the path written is printed")
     p.add_argument("--window", type=int, default=100, help="moving-average window in rules")
     a = p.parse_args(argv)
     out = Path(a.out) if a.out else Path(a.run_dirs[0]) / "reward.png"
-    plot_runs([Path(d) for d in a.run_dirs], out, window=a.window)
-    print(out)
+    print(plot_runs([Path(d) for d in a.run_dirs], out, window=a.window))
     return 0
 
 
 def plot_runs(run_dirs: Sequence[Path], out: Path, window: int = 100) -> Path:
-    """Figure 4 of the paper for runs: each sampled rule's reward, its moving average and the best so far."""
+    """Figure 4 of the paper for runs: each sampled rule's reward, its moving average and the best so far.
+
+    Returns the path written: ``out``, with ".png" added when its suffix is not an image
+    format matplotlib writes (the suffix picks the format: png, pdf, svg, ...).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from nos_gym.agents import read_log
+    from nos_gym.agents import ConfigError, read_log
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for d in run_dirs:
         records = read_log(d)
         if not records:
-            raise ValueError(f"{d} has no sampled rules yet")
+            raise ConfigError(f"{d} has no sampled rules yet")
         r = np.array([rec["reward"] for rec in records])
         x = np.arange(1, len(r) + 1)
         label = d.name
@@ -196,14 +249,39 @@ def plot_runs(run_dirs: Sequence[Path], out: Path, window: int = 100) -> Path:
     ax.legend(fontsize=7, loc="upper left")
     ax.set_title("Controller reward as more optimizers are sampled")
     fig.tight_layout()
+    fmt = Path(out).suffix.lower().lstrip(".")
+    if fmt not in fig.canvas.get_supported_filetypes():
+        out, fmt = Path(f"{out}.png"), "png"  # "-o out/x" writes out/x.png, and says so
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=120, format=fmt)
     plt.close(fig)
     return out
 
 
+# ----------------------------------------------------------------------------- export
+def cmd_export(argv: list[str]) -> int:
+    from nos_gym.store import Store
+
+    p = argparse.ArgumentParser(
+        prog="nos-gym export",
+        description="A consistent copy of a store, taken while it is in use or after a crash (the store is only "
+                    "read). Copying the .sqlite file alone can miss the rows still in its -wal file beside it.",
+    )
+    p.add_argument("store", help="a SQLite store file")
+    p.add_argument("out", help="OUT.jsonl: one JSON object per evaluation; OUT.csv: the same as a table; any other "
+                               "name (OUT.sqlite): a single-file SQLite copy that nos-gym top and Store open")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    a = p.parse_args(argv)
+    with Store(a.store, readonly=True) as store:
+        out = store.export(a.out, overwrite=a.force)
+        n = store.count()
+    print(f"{out}: {n} evaluations from {a.store}")
+    return 0
+
+
 # ------------------------------------------------------------------------------- main
-COMMANDS = {"search": cmd_search, "eval": cmd_eval, "top": cmd_top, "plot": cmd_plot}
+COMMANDS = {"search": cmd_search, "eval": cmd_eval, "top": cmd_top, "plot": cmd_plot, "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -216,13 +294,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"nos-gym: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    import sqlite3
+
     from nos_gym.agents.config import ConfigError
 
     try:
         return COMMANDS[command](rest)
-    except ConfigError as e:
-        print(f"nos-gym {command}: {e}", file=sys.stderr)
+    except (ConfigError, sqlite3.Error, OSError) as e:
+        # a bad setting, a file that is not a (usable) store, a missing or unwritable path:
+        # one line, no traceback (StoreError is a sqlite3.Error and names its file)
+        print(f"nos-gym {command}: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"nos-gym {command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError | FileExistsError):
+        text = f"{type(e).__name__}: {text}"  # "PermissionError: [Errno 13] ..."
+    return text
 
 
 if __name__ == "__main__":

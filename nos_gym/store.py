@@ -13,10 +13,23 @@ Statuses: ``ok`` (the task scored the rule; a diverged rule is ``ok`` with rewar
 ``timeout`` (over the time limit), ``crashed`` (its worker died more often than the retry
 bound), ``error`` (the task raised). Only ``ok`` rows are reused as cache hits by
 default; failures are kept with their cause, and a later success replaces them.
+
+Readers that must not change anything (``nos-gym top``, ``nos-gym export``) open the file
+with ``Store(path, readonly=True)``: SQLite's read-only mode, and a file that is not a
+store (empty, another program's database, text, damaged) is refused untouched with a
+``StoreError``. A writer refuses another program's database too, and turns an
+empty file or a new path into a store.
+
+Copies: while a writer is running, or after it was killed, the newest rows may live in
+``PATH-wal`` beside the file, so a copy of ``PATH`` alone can miss them (or, for a new store,
+hold no tables at all). A writer copies the WAL into the file when it opens and when it
+closes (``checkpoint``); ``export`` (``nos-gym export STORE OUT``) writes a consistent
+single-file copy at any time.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import sqlite3
@@ -29,9 +42,20 @@ from typing import Any, Iterable, Sequence
 from nos_gym.dsl import Program
 from nos_gym.tasks.base import Result
 
-__all__ = ["Record", "STATUSES", "Store"]
+__all__ = ["Record", "STATUSES", "Store", "StoreError"]
 
 STATUSES = ("ok", "timeout", "crashed", "error")
+_COLUMNS = ("fingerprint", "key", "program", "tokens", "status", "reward", "metrics", "error", "seconds",
+            "attempts", "run", "created", "updated")
+
+
+class StoreError(sqlite3.DatabaseError):
+    """A store that cannot be opened, read or written; the message names the file and what to do."""
+
+
+def _connect(target: str, *, timeout: float, uri: bool) -> sqlite3.Connection:
+    """One SQLite connection (a seam for tests that simulate an unwritable folder)."""
+    return sqlite3.connect(target, timeout=timeout, isolation_level=None, check_same_thread=False, uri=uri)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS evaluations (
@@ -109,25 +133,99 @@ class Store:
 
     Safe to share between processes (each opens its own ``Store`` on the path) and
     between threads of one process. ``path=":memory:"`` gives a private, unsaved store.
+    ``readonly=True`` opens an existing store for reading only (SQLite's ``mode=ro``):
+    nothing is written, and a file that is not a store is refused with ``StoreError``.
+    Opening, reading or writing a file that is not a usable store (a folder, damaged,
+    another program's database, not writable) raises ``StoreError`` (a
+    ``sqlite3.DatabaseError``) whose one-line message names the file and what to do.
     """
 
-    def __init__(self, path: str | os.PathLike, *, timeout: float = 60.0):
+    def __init__(self, path: str | os.PathLike, *, timeout: float = 60.0, readonly: bool = False):
         self.path = str(path)
-        if self.path != ":memory:":
-            parent = Path(self.path).expanduser().resolve().parent
+        self.readonly = bool(readonly)
+        self._closed = False
+        memory = self.path == ":memory:"
+        if memory and self.readonly:
+            raise ValueError("a read-only store needs a file path, not ':memory:'")
+        if not memory:
+            file = Path(self.path).expanduser()
+            if file.is_dir():
+                raise StoreError(f"{self.path} is a directory, not a store file; give a file path such as "
+                                 f"{file / 'store.sqlite'}")
+            if self.readonly and not file.exists():
+                raise FileNotFoundError(f"no store at {self.path}: the file does not exist")
+            parent = file.resolve().parent
             if not parent.is_dir():
                 raise FileNotFoundError(f"cannot create the store {self.path}: directory {parent} does not exist")
         self._lock = threading.RLock()
-        self._conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
         try:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode: a commit survives the process being killed (not a power cut)
-            self._conn.execute("PRAGMA synchronous=NORMAL")
+            if self.readonly:
+                # SQLite's read-only mode: nothing is ever written to the file
+                target = Path(self.path).expanduser().resolve().as_uri() + "?mode=ro"
+                self._conn = _connect(target, timeout=timeout, uri=True)
+            else:
+                self._conn = _connect(self.path, timeout=timeout, uri=False)
+        except sqlite3.Error as e:
+            raise self._open_error(e) from e
+        try:
             self._conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
-            self._conn.executescript(_SCHEMA)
-        except sqlite3.DatabaseError as e:
+            self._check_schema()
+            if not self.readonly:
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                # NORMAL in WAL mode: a commit survives the process being killed (not a power cut)
+                self._conn.execute("PRAGMA synchronous=NORMAL")
+                self._conn.executescript(_SCHEMA)
+                if not memory:
+                    # bring in what a killed writer left in the WAL, and put a new schema in the file itself
+                    self.checkpoint("PASSIVE")
+        except BaseException as e:
             self._conn.close()
-            raise sqlite3.DatabaseError(f"{self.path} is not a usable nos-gym store: {e}") from e
+            self._closed = True
+            if isinstance(e, sqlite3.Error) and not isinstance(e, StoreError):
+                raise self._open_error(e) from e
+            raise
+
+    def _check_schema(self) -> None:
+        """Refuse a database that is not a store (a writer may start from an empty one)."""
+        tables = {name for (name,) in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "evaluations" not in tables:
+            if self.readonly:
+                what = "an empty file or database" if not tables else f"a database with tables {sorted(tables)}"
+                raise StoreError(f"{self.path} is not a nos-gym store ({what}, no 'evaluations' table)")
+            if tables:
+                raise StoreError(f"{self.path} is not a nos-gym store: it is another SQLite database (tables "
+                                 f"{sorted(tables)}); it was left untouched, give a new path for the store")
+            return
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(evaluations)")}
+        missing = [c for c in _COLUMNS if c not in columns]
+        if missing:
+            raise StoreError(f"{self.path} is not a nos-gym store: its 'evaluations' table lacks {missing}")
+
+    def _open_error(self, e: sqlite3.Error) -> StoreError:
+        """A one-line cause for a store that cannot be opened, naming the file and what to do."""
+        msg = str(e)
+        if isinstance(e, sqlite3.OperationalError) and ("readonly" in msg or "unable to open" in msg
+                                                         or "read-only" in msg):
+            if self.readonly:
+                return StoreError(f"cannot read the store {self.path}: {msg}; check that the file is readable")
+            name = Path(self.path).name
+            return StoreError(f"cannot write the store {self.path}: {msg}; the file and its folder must be "
+                              f"writable (SQLite also writes {name}-wal and {name}-shm beside it): fix the "
+                              f"permissions, or give a store path in a writable folder")
+        if isinstance(e, sqlite3.OperationalError) and "locked" in msg:
+            return StoreError(f"the store {self.path} is locked by another process: {msg}; try again later")
+        hint = "" if self.readonly else "; move it away or give another store path"
+        return StoreError(f"{self.path} is not a usable nos-gym store: {msg} (damaged, or not a SQLite file){hint}")
+
+    def _write_error(self, e: sqlite3.Error) -> StoreError:
+        if isinstance(e, StoreError):
+            return e
+        return StoreError(f"cannot write to the store {self.path}: {e}; check the disk space and that the "
+                          f"file and its folder are writable")
+
+    def _check_writable(self) -> None:
+        if self.readonly:
+            raise StoreError(f"the store {self.path} was opened read-only")
 
     # -- writing ------------------------------------------------------------------------
     def put(self, fingerprint: str, program: Program, result: Result, *, status: str = "ok",
@@ -151,20 +249,33 @@ class Store:
                                error=result.error, seconds=seconds, attempts=int(attempts), run=run, now=now))
         if not params:
             return
+        self._check_writable()
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as e:
+                raise self._write_error(e) from e
             try:
                 self._conn.executemany(_UPSERT, params)
                 self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
+            except BaseException as e:
+                try:
+                    self._conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # SQLite already rolled back (e.g. disk full)
+                if isinstance(e, sqlite3.Error):
+                    raise self._write_error(e) from e
                 raise
 
     def register_task(self, fingerprint: str, name: str, config: dict[str, Any]) -> None:
         """Keep the setup behind a fingerprint, so a reader of the file knows what was scored."""
+        self._check_writable()
         with self._lock:
-            self._conn.execute("INSERT OR IGNORE INTO tasks VALUES (?, ?, ?, ?)",
-                               (fingerprint, name, _dumps(config), time.time()))
+            try:
+                self._conn.execute("INSERT OR IGNORE INTO tasks VALUES (?, ?, ?, ?)",
+                                   (fingerprint, name, _dumps(config), time.time()))
+            except sqlite3.Error as e:
+                raise self._write_error(e) from e
 
     # -- reading ------------------------------------------------------------------------
     def get(self, fingerprint: str, key: str, *, statuses: Sequence[str] = ("ok",)) -> Record | None:
@@ -191,13 +302,11 @@ class Store:
 
     def count(self, fingerprint: str | None = None, status: str | None = None) -> int:
         where, args = self._where(fingerprint, status)
-        with self._lock:
-            return int(self._conn.execute(f"SELECT COUNT(*) FROM evaluations{where}", args).fetchone()[0])
+        return int(self._fetch(f"SELECT COUNT(*) FROM evaluations{where}", args)[1][0][0])
 
     def tasks(self) -> dict[str, dict[str, Any]]:
         """Fingerprint -> {"name", "config"} of every registered task."""
-        with self._lock:
-            rows = self._conn.execute("SELECT fingerprint, name, config FROM tasks").fetchall()
+        rows = self._fetch("SELECT fingerprint, name, config FROM tasks", ())[1]
         return {fp: {"name": name, "config": json.loads(cfg)} for fp, name, cfg in rows}
 
     @staticmethod
@@ -211,11 +320,19 @@ class Store:
             args.append(status)
         return (" WHERE " + " AND ".join(conds) if conds else ""), args
 
-    def _select(self, sql: str, args: Sequence[Any]) -> list[Record]:
+    def _fetch(self, sql: str, args: Sequence[Any]) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """Column names and rows of a query; a damaged file raises ``StoreError`` naming it."""
         with self._lock:
-            cur = self._conn.execute(sql, args)
-            cols = [c[0] for c in cur.description]
-            rows = cur.fetchall()
+            try:
+                cur = self._conn.execute(sql, args)
+                return [c[0] for c in cur.description], cur.fetchall()
+            except sqlite3.Error as e:
+                if isinstance(e, sqlite3.ProgrammingError):  # closed, misuse: a bug, not the file
+                    raise
+                raise StoreError(f"cannot read the store {self.path}: {e}") from e
+
+    def _select(self, sql: str, args: Sequence[Any]) -> list[Record]:
+        cols, rows = self._fetch(sql, args)
         out = []
         for row in rows:
             d = dict(zip(cols, row))
@@ -224,10 +341,104 @@ class Store:
             out.append(Record(**d))
         return out
 
+    # -- copies -------------------------------------------------------------------------
+    def checkpoint(self, mode: str = "TRUNCATE", wait: float = 5.0) -> bool:
+        """Copy the WAL (``PATH-wal``) into the file itself, so that ``PATH`` alone holds every row.
+
+        ``mode``: "PASSIVE" (never waits), "FULL", "RESTART" or "TRUNCATE" (the default: also
+        empties the WAL; waits up to ``wait`` seconds for other processes' readers). True when
+        the whole WAL was copied. A no-op (False) on a read-only or in-memory store.
+        """
+        mode = mode.upper()
+        if mode not in ("PASSIVE", "FULL", "RESTART", "TRUNCATE"):
+            raise ValueError(f"mode must be PASSIVE, FULL, RESTART or TRUNCATE, got {mode!r}")
+        if self.readonly or self.path == ":memory:" or self._closed:
+            return False
+        with self._lock:
+            busy_ms = self._conn.execute("PRAGMA busy_timeout").fetchone()[0]
+            self._conn.execute(f"PRAGMA busy_timeout={int(wait * 1000)}")
+            try:
+                busy, log, done = self._conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+            finally:
+                self._conn.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
+        return busy == 0 and log == done
+
+    def export(self, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write a consistent copy of the store to ``out`` and return its path.
+
+        By the suffix of ``out``: ``.jsonl`` one JSON object per evaluation, ``.csv`` a table
+        of the same fields (``tokens`` space-separated, ``metrics`` as JSON), anything else a
+        single-file SQLite copy (SQLite's backup API, no WAL beside it) that ``Store`` opens.
+        Each row carries its task's ``task`` name. The file is written under a temporary name
+        and renamed, so ``out`` is never half-written; an existing ``out`` is refused unless
+        ``overwrite``, and ``out`` may never be the store itself.
+        """
+        out = Path(out).expanduser()
+        if self.path != ":memory:" and out.exists() and out.resolve() == Path(self.path).expanduser().resolve():
+            raise StoreError(f"cannot export {self.path} onto itself; give another output path")
+        if out.is_dir():
+            raise StoreError(f"{out} is a directory; give an output file such as {out / 'store-copy.sqlite'}")
+        if out.exists() and not overwrite:
+            raise FileExistsError(f"{out} exists; remove it or choose another output path")
+        if not out.parent.is_dir():
+            raise FileNotFoundError(f"cannot write {out}: directory {out.parent} does not exist")
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        suffix = out.suffix.lower()
+        try:
+            if suffix in (".jsonl", ".csv"):
+                self._export_records(tmp, suffix)
+            else:
+                if tmp.exists():
+                    tmp.unlink()
+                dst = sqlite3.connect(str(tmp), isolation_level=None)
+                try:
+                    with self._lock:
+                        self._conn.backup(dst)
+                    dst.execute("PRAGMA journal_mode=DELETE")  # one self-contained file
+                finally:
+                    dst.close()
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return out
+
+    def _export_records(self, tmp: Path, suffix: str) -> None:
+        with self._lock:  # one read transaction: a consistent snapshot
+            self._conn.execute("BEGIN")
+            try:
+                names = {fp: t["name"] for fp, t in self.tasks().items()}
+                records = self.records()
+            finally:
+                self._conn.execute("COMMIT")
+        fields = ["task", *_COLUMNS]
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            if suffix == ".jsonl":
+                for r in records:
+                    row = {"task": names.get(r.fingerprint), **{c: getattr(r, c) for c in _COLUMNS}}
+                    row["tokens"] = list(r.tokens)
+                    f.write(_dumps(row) + "\n")
+            else:
+                writer = csv.writer(f)
+                writer.writerow(fields)
+                for r in records:
+                    row = {"task": names.get(r.fingerprint), **{c: getattr(r, c) for c in _COLUMNS}}
+                    row["tokens"] = " ".join(r.tokens)
+                    row["metrics"] = _dumps(r.metrics)
+                    writer.writerow(["" if row[c] is None else row[c] for c in fields])
+
     # -- lifetime -----------------------------------------------------------------------
     def close(self) -> None:
+        """Close the store; a writer first copies the WAL into the file (``checkpoint``)."""
         with self._lock:
+            if self._closed:
+                return
+            try:
+                self.checkpoint("TRUNCATE", wait=2.0)
+            except sqlite3.Error:
+                pass  # other processes still reading: the last one to close checkpoints
             self._conn.close()
+            self._closed = True
 
     def __enter__(self) -> "Store":
         return self
@@ -236,7 +447,7 @@ class Store:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Store({self.path!r})"
+        return f"Store({self.path!r}{', readonly=True' if self.readonly else ''})"
 
 
 def _dumps(obj: Any) -> str:

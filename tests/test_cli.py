@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -99,6 +100,121 @@ def test_plot_writes_a_png(searched, tmp_path):
     assert main(["plot", str(run_dir), "-o", str(out)]) == 0
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def _one_line_error(capsys, command: str) -> str:
+    captured = capsys.readouterr()
+    err = captured.err
+    assert err.startswith(f"nos-gym {command}: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_top_never_writes_to_what_it_reads(tmp_path, capsys):
+    files = [tmp_path / "log.jsonl", tmp_path / "notes.txt", tmp_path / "junk.sqlite", tmp_path / "other.db"]
+    files[0].write_bytes(b"")  # a run's empty log
+    files[1].write_text("hello\n")
+    files[2].write_bytes(bytes(range(256)) * 20)
+    con = sqlite3.connect(files[3])  # another program's database
+    con.execute("CREATE TABLE songs (title TEXT)")
+    con.commit()
+    con.close()
+    before = {p: p.read_bytes() for p in files}
+    for path in files:
+        assert main(["top", str(path)]) == 2
+        err = _one_line_error(capsys, "top")
+        assert str(path) in err and "not a" in err and "nos-gym store" in err
+        assert path.read_bytes() == before[path]
+    assert sorted(tmp_path.iterdir()) == sorted(files)  # no -wal, -shm or journal beside them
+
+
+def test_top_and_plot_arguments(searched, tmp_path, capsys):
+    run_dir, store = searched
+    for k in ("-1", "0"):
+        assert main(["top", str(run_dir), "-k", k]) == 2
+        assert "-k/--top must be at least 1" in _one_line_error(capsys, "top")
+    assert main(["top", str(store), "-k", "1"]) == 0
+    assert len([ln for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith("1 ")]) >= 1
+    # plot: a path without an image suffix gets .png, and the path printed is the one written
+    assert main(["plot", str(run_dir), "-o", str(tmp_path / "out" / "x")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "out" / "x.png")
+    assert (tmp_path / "out" / "x.png").read_bytes()[:4] == b"\x89PNG" and not (tmp_path / "out" / "x").exists()
+    assert main(["plot", str(run_dir), "-o", str(tmp_path / "fig.svg")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "fig.svg") and b"<svg" in (tmp_path / "fig.svg").read_bytes()
+    assert main(["plot", str(tmp_path / "no-run")]) == 2
+    assert "does not exist" in _one_line_error(capsys, "plot")
+
+
+def test_eval_misuse_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    assert main(["eval", " + ".join(["g"] * 500)]) == 2
+    assert "rule too long: 499 nested operations, at most 100" in _one_line_error(capsys, "eval")
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(b"\x00garbage" * 500)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for store, expected in [(junk, "not a usable nos-gym store"), (folder, "is a directory"),
+                            (tmp_path / "no" / "s.sqlite", "does not exist")]:
+        assert main(["eval", "g", "--task-options", "{iterations: 10}", "--store", str(store)]) == 2
+        err = _one_line_error(capsys, "eval")
+        assert expected in err and str(store) in err
+    assert junk.read_bytes() == b"\x00garbage" * 500
+
+    import nos_gym.store as store_module
+
+    def unwritable(target, **kwargs):  # what SQLite says in a folder we may not write to
+        raise sqlite3.OperationalError("unable to open database file")
+
+    monkeypatch.setattr(store_module, "_connect", unwritable)
+    assert main(["eval", "g", "--task-options", "{iterations: 10}", "--store", str(tmp_path / "s.sqlite")]) == 2
+    err = _one_line_error(capsys, "eval")
+    assert str(tmp_path / "s.sqlite") in err and "writable" in err
+    monkeypatch.undo()
+
+    assert main(["eval", "g", "--task-options", "{bogus: 1}"]) == 2
+    err = _one_line_error(capsys, "eval")
+    assert "task 'rosenbrock' has no option 'bogus'" in err and "iterations" in err
+    assert main(["eval", "g", "--task-options", "{iterations: 0}"]) == 2
+    assert "iterations must be >= 1, got 0" in _one_line_error(capsys, "eval")
+
+
+def test_eval_reads_the_papers_division_with_eps(capsys):
+    assert main(["eval", "drop(m, 0.1) / (exp(g^2) + eps)", "--task-options", "{iterations: 50}", "--json"]) == 0
+    (out,) = json.loads(capsys.readouterr().out)
+    assert out["rule"] == "drop(m, 0.1) / exp(g^2)" and out["tokens"] == list(parse("drop(m, 0.1) / exp(g^2)").tokens)
+
+
+def test_export_copies_a_store_and_refuses_to_overwrite(searched, tmp_path, capsys):
+    _, store = searched
+    with Store(store, readonly=True) as s:
+        n = s.count()
+    assert main(["export", str(store), str(tmp_path / "copy.sqlite")]) == 0
+    assert capsys.readouterr().out.startswith(f"{tmp_path / 'copy.sqlite'}: {n} evaluations")
+    with Store(tmp_path / "copy.sqlite", readonly=True) as c:
+        assert c.count() == n
+    assert main(["export", str(store), str(tmp_path / "copy.sqlite")]) == 2
+    assert "exists" in _one_line_error(capsys, "export")
+    assert main(["export", str(store), str(tmp_path / "copy.jsonl")]) == 0
+    assert len((tmp_path / "copy.jsonl").read_text().splitlines()) == n
+    assert main(["export", str(store), str(store), "--force"]) == 2
+    assert "onto itself" in _one_line_error(capsys, "export")
+
+
+def test_interrupt_exits_130_and_store_errors_exit_2(monkeypatch, capsys):
+    import nos_gym.cli as cli
+    from nos_gym.store import StoreError
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "top", interrupted)
+    assert main(["top", "x"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+
+    def broken(argv):
+        raise StoreError("cannot write to the store s.sqlite: disk I/O error")
+
+    monkeypatch.setitem(cli.COMMANDS, "top", broken)
+    assert main(["top", "x"]) == 2
+    assert "disk I/O error" in _one_line_error(capsys, "top")
 
 
 def test_console_script_is_installed():

@@ -83,6 +83,48 @@ def test_deep_nesting_is_a_parse_error_not_a_recursion_error():
         parse("(" * 500 + "g" + ")" * 500)
     with pytest.raises(ParseError):
         parse("-" * 5000 + "g")
+    with pytest.raises(ParseError, match="levels of nesting"):
+        parse("e^" * 3000 + "g")
+
+
+def test_a_long_chain_is_a_clear_parse_error_and_depth_10_rules_still_parse():
+    from nos_gym.dsl import RuleTooLongError
+
+    with pytest.raises(RuleTooLongError, match=r"^rule too long: 499 nested operations, at most 100") as info:
+        parse(" + ".join(["g"] * 500))
+    assert isinstance(info.value, ParseError) and "\n" not in str(info.value)
+    assert parse(" + ".join(["g"] * 101)).depth == 100  # the bound itself parses (and its key is computed)
+    assert parse(" * ".join(["g"] * 60) + " - " + " / ".join(["m"] * 41)).canonical_key
+    # a depth-10 program that reuses each result on both sides formats to ~32,000 characters
+    tokens = ("w1e-4", "w1e-3", "clip1e-5", "clip1e-4", "sub")
+    for k in range(1, 10):
+        tokens += (f"r{k}", f"r{k}", "clip1e-5", "log_abs", "sub")
+    wide = Program(tokens)
+    assert parse(wide.format()).canonical_key == wide.canonical_key
+    # and random depth-10 programs round-trip
+    masker, rng = Masker(get_space("full"), 10), np.random.default_rng(0)
+    for _ in range(50):
+        program = masker.sample(rng)
+        assert parse(program.format()).canonical_key == program.canonical_key
+
+
+@pytest.mark.parametrize("literal, plain", [
+    ("drop(m, 0.1) / (exp(g^2) + eps)", "drop(m, 0.1) / exp(g^2)"),   # the paper's own spelling
+    ("g / (sqrt|v| + ε)", "g / sqrt|v|"),
+    ("m / [v + epsilon] * g", "m / v * g"),
+    ("g / (m + v + eps)", "g / (m + v)"),
+    ("exp(g / (m + eps))", "exp(g / m)"),
+])
+def test_the_papers_division_with_eps_is_the_languages_division(literal, plain):
+    assert parse(literal) == parse(plain)
+    assert parse(literal).tokens == parse(plain).tokens
+    assert str(parse(literal)) == plain  # formatting keeps the canonical x / y form
+
+
+@pytest.mark.parametrize("text", ["exp(g^2) + eps", "g / (eps)", "g / (eps + m)", "eps * g", "g / m + eps"])
+def test_eps_outside_a_divisor_is_a_parse_error_that_says_where_it_belongs(text):
+    with pytest.raises(ParseError, match=r"x / \(y \+ eps\)"):
+        parse(text)
 
 
 # ----------------------------------------------------------------------- canonical

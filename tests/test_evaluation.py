@@ -54,6 +54,27 @@ class BowlTask(Task):
         return [Result(float(1.0 / (1.0 + x)) if torch.isfinite(x) else 0.0, {"f": float(x)}) for x in f]
 
 
+class PickyTask(BowlTask):
+    """BowlTask whose ``evaluate`` raises for a whole batch that holds one of the ``broken`` rules."""
+
+    name = "picky"
+
+    def __init__(self, broken: tuple[str, ...] = ()):
+        super().__init__()
+        self.broken = {parse(s).canonical_key for s in broken}
+        self.calls: list[int] = []
+
+    def config(self):
+        return {"broken": sorted(self.broken)}
+
+    def evaluate(self, programs):
+        self.calls.append(len(programs))
+        for p in programs:
+            if p.canonical_key in self.broken:
+                raise ValueError(f"cannot score {p}")
+        return super().evaluate(programs)
+
+
 @pytest.fixture(scope="module")
 def serial():
     """Rewards of the ci task on PROGRAMS, computed here with one torch thread (as workers do)."""
@@ -138,6 +159,50 @@ def test_time_limits_and_crashes_are_bounded_and_recorded(tmp_path):
     # only ok rows count as cache hits
     assert set(store.get_many(task.fingerprint, [p.canonical_key for p in (ok, sleepy, deadly)])) == {ok.canonical_key}
     store.close()
+
+
+# -------------------------------------------------------------------- one bad rule per job
+BAD, WORSE = parse("m * v"), parse("sign(m) - g")
+MIXED = [SGD, ADAM, BAD, POWERSIGN, parse("m"), WORSE, parse("RMSProp")]
+
+
+@pytest.mark.parametrize("backend, job_size", [("serial", None), ("serial", 3), ("process", 4)])
+def test_a_rule_that_raises_fails_alone_not_its_whole_job(tmp_path, backend, job_size):
+    clean = _rewards(BowlTask().evaluate([p for p in MIXED if p not in (BAD, WORSE)]))
+    task = PickyTask(broken=("m * v", "sign(m) - g"))
+    store = Store(tmp_path / "s.sqlite")
+    with Evaluator(task, backend=backend, job_size=job_size, workers=1, store=store) as ev:
+        results = ev.evaluate(MIXED)
+        stats = dict(ev.stats)
+        again = ev.evaluate(MIXED)  # the scores are remembered, the failures are not
+    good = [r for p, r in zip(MIXED, results) if p not in (BAD, WORSE)]
+    assert _rewards(good) == pytest.approx(clean) and all(r.error is None for r in good)
+    for p in (BAD, WORSE):
+        r = results[MIXED.index(p)]
+        assert type(r) is Result and r.reward == 0.0 and r.metrics["status"] == "error"
+        assert f"ValueError: cannot score {p}" in r.error
+    assert stats["computed"] == 5 and stats["failed"] == 2
+    assert [r.cached for p, r in zip(MIXED, again) if p not in (BAD, WORSE)] == [True] * 5
+    rows = {r.key: r for r in store.records(task.fingerprint)}
+    assert {k: r.status for k, r in rows.items()} == {p.canonical_key: "error" if p in (BAD, WORSE) else "ok"
+                                                     for p in MIXED}
+    store.close()
+
+
+def test_run_job_bisects_a_job_that_raises():
+    from nos_gym.evaluation import RuleFailure, run_job
+
+    programs = [SGD, ADAM, POWERSIGN, parse("m"), BAD, parse("v"), parse("RMSProp"), parse("g^2")]
+    task = PickyTask(broken=("m * v",))
+    results = run_job(task, programs)
+    assert [isinstance(r, RuleFailure) for r in results] == [p == BAD for p in programs]
+    assert task.calls == [8, 4, 4, 2, 1, 1, 2]  # halves of halves: not one call per rule
+    expected = _rewards(BowlTask().evaluate([p for p in programs if p != BAD]))
+    assert _rewards(results) == pytest.approx(expected[:4] + [0.0] + expected[4:])
+    everything = PickyTask(broken=("g", "ADAM"))
+    assert all(isinstance(r, RuleFailure) for r in run_job(everything, [SGD, ADAM]))
+    with pytest.raises(ValueError, match="cannot score"):  # a one-rule job raises: the backend reports it
+        run_job(everything, [SGD])
 
 
 # ---------------------------------------------------------------------------------- async

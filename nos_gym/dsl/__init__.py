@@ -7,7 +7,7 @@
 """
 
 from nos_gym.dsl.canonical import canonicalize, tree_key
-from nos_gym.dsl.notation import ParseError, format_tree, parse, parse_tree, tree_to_program
+from nos_gym.dsl.notation import ParseError, RuleTooLongError, format_tree, parse, parse_tree, tree_to_program
 from nos_gym.dsl.program import InvalidProgramError, Program
 from nos_gym.dsl.spaces import SPACES, Constraints, Masker, SearchSpace, get_space
 from nos_gym.dsl.vocabulary import BASE_OPERANDS, BINARY, UNARY, Vocabulary
@@ -20,7 +20,7 @@ def space_sizes(depths: tuple[int, ...] = (1, 2, 3), constraints: Constraints = 
 
 __all__ = [
     "BASE_OPERANDS", "BINARY", "UNARY", "Constraints", "InvalidProgramError", "Masker",
-    "ParseError", "Program", "SPACES", "SearchSpace", "Vocabulary", "canonicalize",
+    "ParseError", "Program", "RuleTooLongError", "SPACES", "SearchSpace", "Vocabulary", "canonicalize",
     "format_tree", "get_space", "parse", "parse_tree", "space_sizes", "tree_key",
     "tree_to_program",
 ]

@@ -3,7 +3,8 @@
 Grammar (whitespace is ignored; ``[ ]`` group like ``( )``)::
 
     expr   := term (("+" | "-") term)*
-    term   := factor (("*" | "/") factor)*          "/" is the language's x / (y + eps)
+    term   := factor ("*" factor | "/" divisor)*    "/" is the language's x / (y + eps)
+    divisor:= "(" expr "+" EPS ")" | factor          EPS in eps, epsilon, ε: x / (y + eps) is x / y
     factor := "-" factor | atom
     atom   := "(" expr ")" | "[" expr "]"
             | "g" ["^2" | "^3"] | "m" | "v" | "y" | "noise" | "ADAM" | "RMSProp" | "1"
@@ -15,7 +16,13 @@ Grammar (whitespace is ignored; ``[ ]`` group like ``( )``)::
 
 Aliases: ``m_hat``/``m̂`` for m, ``v_hat``/``v̂`` for v, ``gamma``/``γ``/``γ̂`` for y,
 ``adam``/``rmsprop`` in any case, ``log(|x|)`` and ``sqrt(x)`` for ``log|x|`` and
-``sqrt|x|``, ``g²``/``g³`` for ``g^2``/``g^3``, braces ``e^{x}``.
+``sqrt|x|``, ``g²``/``g³`` for ``g^2``/``g^3``, braces ``e^{x}``, and the paper's literal
+division ``x / (y + eps)`` for ``x / y`` (formatting always writes ``x / y``).
+
+Size: at most 64 levels of brackets and at most 100 operations nested in one another
+(each operator of a chain ``g + g + ... + g`` nests in the next; a program of depth d
+nests at most 2d), so that every recursive walk of the tree stays far from Python's
+recursion limit; longer rules raise ``RuleTooLongError``, a ``ParseError``.
 """
 
 from __future__ import annotations
@@ -85,13 +92,23 @@ class ParseError(ValueError):
         self.expected = expected
         self.found = found
         what = "end of input" if found is None else repr(found)
-        pointer = f"\n  {text}\n  {' ' * position}^" if len(text) <= 200 else ""
+        pointer = f"\n  {text}\n  {' ' * position}^" if len(text) <= 200 and position <= len(text) else ""
         super().__init__(f"at position {position}: expected {expected}, found {what}{pointer}")
+
+
+class RuleTooLongError(ParseError):
+    """A rule nested deeper than ``limit`` operations (``depth`` is how deep it goes)."""
+
+    def __init__(self, text: str, position: int, depth: int, limit: int):
+        super().__init__(text, position, f"a rule at most {limit} operations deep")
+        self.depth, self.limit = depth, limit
+        self.args = (f"rule too long: {depth} nested operations, at most {limit} (each operator of a chain "
+                     f"like g + g + ... + g nests in the next; a program of depth d needs at most 2d)",)
 
 
 _TOKEN_RE = re.compile(
     r"\s*(?:(?P<num>\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?)"
-    r"|(?P<name>m̂|v̂|γ̂|γ|[A-Za-z_][A-Za-z_0-9]*)"
+    r"|(?P<name>m̂|v̂|γ̂|γ|ε|[A-Za-z_][A-Za-z_0-9]*)"
     r"|(?P<sym>[-+*/^()\[\]{}|,²³]))"
 )
 _NAMES = {
@@ -99,8 +116,12 @@ _NAMES = {
     "y": "y", "gamma": "y", "γ": "y", "γ̂": "y", "y_hat": "y", "noise": "noise",
     "adam": "adam", "rmsprop": "rmsprop",
 }
+_EPS = ("eps", "epsilon", "ε")
 _MAX_NESTING = 64
-_MAX_LENGTH = 10_000
+#: operations nested in one another (a parsed tree's height); keeps every recursive walk shallow
+_MAX_OPERATIONS = 100
+#: characters: a depth-10 program that reuses each result on both sides formats to ~40,000
+_MAX_LENGTH = 100_000
 
 
 def _lex(text: str) -> list[tuple[str, str, int]]:
@@ -126,6 +147,10 @@ class _Parser:
         self.tokens = _lex(text)
         self.i = 0
         self.nesting = 0
+        # height of every inner node built (the node is kept, so its id stays unique)
+        self._heights: dict[int, tuple[Tree, int]] = {}
+        self.height = 0
+        self.too_deep_at: int | None = None
 
     # -- helpers ---------------------------------------------------------------------
     def peek(self, offset: int = 0) -> tuple[str, str, int]:
@@ -155,44 +180,82 @@ class _Parser:
                     return name
         raise self.fail(f"{what}, one of {', '.join(format(v, 'g') for v in allowed.values())}")
 
+    def node(self, *parts: object) -> Tree:
+        """An inner node ("u", name, child) or ("b", name, left, right), its height recorded."""
+        node: Tree = parts  # type: ignore[assignment]
+        height = 1 + max(self._height_of(child) for child in parts[2:])  # type: ignore[arg-type]
+        self._heights[id(node)] = (node, height)
+        if height > self.height:
+            self.height = height
+            if height > _MAX_OPERATIONS and self.too_deep_at is None:
+                self.too_deep_at = self.peek(-1)[2] if self.i else 0
+        return node
+
+    def _height_of(self, node: Tree) -> int:
+        entry = self._heights.get(id(node))
+        return entry[1] if entry is not None and entry[0] is node else 0
+
     # -- grammar ---------------------------------------------------------------------
     def parse(self) -> Tree:
         node = self.expr()
         if self.peek()[0] != "end":
             raise self.fail("an operator (+ - * /) or the end of the rule")
+        if self.too_deep_at is not None:
+            raise RuleTooLongError(self.text, self.too_deep_at, self.height, _MAX_OPERATIONS)
         return node
 
-    def expr(self) -> Tree:
-        self.nesting += 1
-        if self.nesting > _MAX_NESTING:
-            raise self.fail(f"at most {_MAX_NESTING} levels of nesting")
+    def expr(self, eps_before: str | None = None) -> Tree:
+        """A sum; ``eps_before``: inside a divisor's brackets, ``+ eps`` before this closing bracket ends it."""
+        self.enter()
         node = self.term()
         while True:
+            if eps_before is not None and self.at_eps(eps_before):
+                self.i += 2  # "+ eps": the language's division adds it (x / (y + eps) is x / y)
+                break
             if self.accept("+"):
-                node = ("b", "add", node, self.term())
+                node = self.node("b", "add", node, self.term())
             elif self.accept("-"):
-                node = ("b", "sub", node, self.term())
+                node = self.node("b", "sub", node, self.term())
             else:
                 break
         self.nesting -= 1
         return node
 
+    def at_eps(self, close: str) -> bool:
+        eps = self.peek(1)
+        return (self.peek()[1] == "+" and eps[0] == "name" and eps[1].lower() in _EPS
+                and self.peek(2)[0] == "sym" and self.peek(2)[1] == close)
+
+    def enter(self) -> None:
+        self.nesting += 1
+        if self.nesting > _MAX_NESTING:
+            raise self.fail(f"at most {_MAX_NESTING} levels of nesting")
+
     def term(self) -> Tree:
         node = self.factor()
         while True:
             if self.accept("*"):
-                node = ("b", "mul", node, self.factor())
+                node = self.node("b", "mul", node, self.factor())
             elif self.accept("/"):
-                node = ("b", "div", node, self.factor())
+                node = self.node("b", "div", node, self.divisor())
             else:
                 return node
 
+    def divisor(self) -> Tree:
+        """What follows "/": a factor, where ``(y + eps)`` is read as ``y``."""
+        kind, value, _ = self.peek()
+        if kind == "sym" and value in "([{":
+            close = {"(": ")", "[": "]", "{": "}"}[value]
+            self.i += 1
+            node = self.expr(eps_before=close)
+            self.expect(close, f"{close!r} to close the bracket")
+            return node
+        return self.factor()
+
     def factor(self) -> Tree:
         if self.accept("-"):
-            self.nesting += 1
-            if self.nesting > _MAX_NESTING:
-                raise self.fail(f"at most {_MAX_NESTING} levels of nesting")
-            node = ("u", "neg", self.factor())
+            self.enter()
+            node = self.node("u", "neg", self.factor())
             self.nesting -= 1
             return node
         return self.atom()
@@ -228,19 +291,22 @@ class _Parser:
             return ("op", _NAMES.get(value, low))
         if low == "exp":
             self.expect("(", "'(' after exp")
-            return ("u", "exp", self.bracketed(")"))
+            return self.node("u", "exp", self.bracketed(")"))
         if value == "e":
             self.expect("^", "'^' after e (e^x is exp(x))")
-            return ("u", "exp", self.atom())
+            self.enter()
+            node = self.node("u", "exp", self.atom())
+            self.nesting -= 1
+            return node
         if low in ("log", "sqrt"):
             name = "log_abs" if low == "log" else "sqrt_abs"
             if self.accept("|"):
-                return ("u", name, self.bracketed("|"))
+                return self.node("u", name, self.bracketed("|"))
             self.expect("(", f"'|' or '(' after {low}")
             inner = self.expr()
             # log(|x|) and log(x) both mean log|x|; the language has no other log
             self.expect(")", "')' to close the bracket")
-            return ("u", name, inner)
+            return self.node("u", name, inner)
         if low in ("clip", "drop"):
             self.expect("(", f"'(' after {low}")
             inner = self.expr()
@@ -250,16 +316,20 @@ class _Parser:
             else:
                 name = self.number(DROP_RATES, "a drop rate")
             self.expect(")", f"')' to close {low}(...)")
-            return ("u", name, inner)
+            return self.node("u", name, inner)
         if low == "sign":
             self.expect("(", "'(' after sign")
             inner = self.bracketed(")")
             if inner[0] == "op" and inner[1] in ("g", "m"):
                 return ("op", f"sign_{inner[1]}")
-            return ("u", "sign", inner)
+            return self.node("u", "sign", inner)
         if low == "w":
             self.i -= 1
             raise self.fail("a scale before w: the operands are 1e-4 * w, 1e-3 * w, 1e-2 * w, 1e-1 * w")
+        if low in _EPS:
+            self.i -= 1
+            raise self.fail("an operand; eps is written only in a divisor, x / (y + eps), the language's "
+                            "protected division x / y")
         self.i -= 1
         raise self.fail("an operand or a function; unknown name")
 

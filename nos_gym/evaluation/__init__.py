@@ -6,7 +6,8 @@
 ...     tickets = ev.submit(more); done = ev.poll(timeout=1.0)     # async (paper section 3.3)
 """
 
-from nos_gym.evaluation.backends import Backend, Job, Outcome, SerialBackend, run_job
+from nos_gym.evaluation.backends import Backend, Job, Outcome, RuleFailure, SerialBackend, run_job
 from nos_gym.evaluation.evaluator import BACKENDS, Completed, Evaluator
 
-__all__ = ["BACKENDS", "Backend", "Completed", "Evaluator", "Job", "Outcome", "SerialBackend", "run_job"]
+__all__ = ["BACKENDS", "Backend", "Completed", "Evaluator", "Job", "Outcome", "RuleFailure", "SerialBackend",
+           "run_job"]

@@ -49,14 +49,54 @@ class Outcome:
         return self.job.crashes + (self.status != "crashed")
 
 
+class RuleFailure(Result):
+    """The ``Result`` of one rule whose evaluation raised, inside a job whose other rules were scored.
+
+    ``run_job`` returns it in the failing rule's place (reward 0, ``error`` the traceback);
+    the ``Evaluator`` records that rule as status "error" and the others as "ok".
+    """
+
+
 def run_job(task: Task, programs: Sequence[Program | Sequence[str]]) -> list[Result]:
-    """Score programs (or token lists, what workers receive); checks the task kept its contract."""
+    """Score programs (or token lists, what workers receive); checks the task kept its contract.
+
+    If ``task.evaluate`` raises on a job of several rules, the job is split in halves and
+    each half scored again (recursively), so that only the rules that raise on their own
+    fail: each gets a ``RuleFailure`` in its place and the others their scores (a rule
+    that fails alone costs about 2 log2(n) extra calls). A job of one rule that raises
+    raises, as does a ``BaseException`` (KeyboardInterrupt, SystemExit) at any size.
+    """
     programs = [p if isinstance(p, Program) else Program(tuple(p)) for p in programs]
+    try:
+        return _evaluate(task, programs)
+    except Exception:
+        if len(programs) == 1:
+            raise
+    return _bisect(task, programs)
+
+
+def _evaluate(task: Task, programs: list[Program]) -> list[Result]:
     results = task.evaluate(programs)
     if len(results) != len(programs) or not all(isinstance(r, Result) for r in results):
         raise RuntimeError(f"{type(task).__name__}.evaluate returned {len(results)} items for {len(programs)} "
                            f"programs; it must return one Result per program")
     return list(results)
+
+
+def _bisect(task: Task, programs: list[Program]) -> list[Result]:
+    """Score both halves of a job that raised, splitting again the halves that raise."""
+    mid = len(programs) // 2
+    out: list[Result] = []
+    for part in (programs[:mid], programs[mid:]):
+        try:
+            out += _evaluate(task, part)
+        except Exception:
+            if len(part) > 1:
+                out += _bisect(task, part)
+            else:
+                error = traceback.format_exc(limit=8)
+                out.append(RuleFailure(0.0, {"status": "error", "attempts": 1}, error))
+    return out
 
 
 def cpu_count() -> int:

@@ -19,7 +19,8 @@ thread each by default), "ray" (a local Ray or a cluster). "auto" (the default) 
 where a worker costs more than the work. Failures -- a time limit passed, a worker that
 died more often than ``max_retries``, a task exception -- come back as ``Result(0.0,
 error=<cause>)`` with ``metrics["status"]`` and are recorded in the store; only "ok"
-results are reused.
+results are reused. A job of several rules that raises is re-run in halves (``run_job``),
+so one bad rule fails alone and the rest of its job is scored.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from dataclasses import dataclass, replace
 from typing import Any, NamedTuple, Sequence
 
 from nos_gym.dsl import Program
-from nos_gym.evaluation.backends import Backend, Job, Outcome, SerialBackend, cpu_count
+from nos_gym.evaluation.backends import Backend, Job, Outcome, RuleFailure, SerialBackend, cpu_count
 from nos_gym.store import Store
 from nos_gym.tasks import Result, Task, make
 
@@ -227,18 +228,25 @@ class Evaluator:
         self.stats["retried"] += job.crashes - (outcome.status == "crashed")
         n = len(job.programs)
         if outcome.status == "ok":
-            results = outcome.results
-            self.stats["computed"] += n
+            # a job that raised was re-run in parts (run_job): only the rules that raise alone failed
+            results, statuses = [], []
+            for r in outcome.results:
+                failed = isinstance(r, RuleFailure)
+                results.append(Result(r.reward, {**r.metrics, "attempts": outcome.attempts}, r.error) if failed else r)
+                statuses.append("error" if failed else "ok")
+            self.stats["failed"] += statuses.count("error")
+            self.stats["computed"] += statuses.count("ok")
         else:
             self.stats["failed"] += n
             results = [Result(0.0, {"status": outcome.status, "attempts": outcome.attempts}, outcome.error)] * n
+            statuses = [outcome.status] * n
         if self.store is not None:
-            self.store.put_many(self.fingerprint, [(p, r, outcome.status, outcome.seconds / n, outcome.attempts)
-                                                   for p, r in zip(job.programs, results)], run=self.run)
-        for p, result in zip(job.programs, results):
+            self.store.put_many(self.fingerprint, [(p, r, s, outcome.seconds / n, outcome.attempts)
+                                                   for p, r, s in zip(job.programs, results, statuses)], run=self.run)
+        for p, result, status in zip(job.programs, results, statuses):
             key = p.canonical_key
             pending = self._pending.pop(key)
-            if outcome.status in _REMEMBERED:
+            if status in _REMEMBERED:
                 self._cache[key] = result
             first, *rest = pending.tickets
             self._completed[first] = Completed(first, pending.program, result)
