@@ -67,10 +67,11 @@ def main(argv: Sequence[str] | None = None) -> Run:
     from sb3_contrib import MaskablePPO
     from stable_baselines3.common.callbacks import BaseCallback
 
-    from nos_gym.envs.vector import SB3VecEnv
+    from nos_gym.envs import SB3VecEnv
 
     args, resume = parse_args(Args, argv, agent="maskable_ppo", description=__doc__)
-    with Run.open(args, "maskable_ppo", resume) as run:
+    # one PPO rollout (rollout_episodes batches) per checkpoint: a kill may leave that many batches logged past it
+    with Run.open(args, "maskable_ppo", resume, batches_per_checkpoint=args.rollout_episodes) as run:
         venv = SB3VecEnv(run.make_envs())  # the env as SB3 sees it: masks via action_masks()
         length = 5 * args.depth
 
@@ -80,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> Run:
             def _on_step(self) -> bool:
                 dones = self.locals["dones"]
                 if dones.all():  # lockstep: every sub-env finished its rule in this step
-                    run.record(run.samples // args.num_envs, self.locals["infos"], self.locals["rewards"])
+                    run.record(run.next_batch, self.locals["infos"], self.locals["rewards"])
                 return not run.stop_requested
 
             def _on_rollout_start(self) -> None:
@@ -105,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> Run:
                                 clip_range=args.clip_range, ent_coef=args.ent_coef,
                                 policy_kwargs={"net_arch": list(args.net_arch)}, seed=args.seed, device="cpu")
         start_steps = model.num_timesteps
-        remaining = (run.num_batches * args.num_envs - run.samples) * length
+        remaining = (run.num_batches - run.batch_index) * args.num_envs * length
         if remaining > 0:
             run.start_progress()
             try:

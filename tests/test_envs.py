@@ -346,3 +346,16 @@ def test_unmasked_sb3_algorithms_train_through_the_projection(algo):
     model.learn(96)
     assert model.num_timesteps >= 96 and env.steps >= 96
     assert env.projected > 0  # the unmasked policy proposed invalid tokens, and they were projected
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"depth": True}, "depth"),
+    ({"depth": 0}, "depth"),
+    ({"distinct_operands": "no"}, "distinct_operands"),
+    ({"reuse_result": 1}, "reuse_result"),
+])
+def test_settings_of_the_wrong_type_are_refused(bad, match):
+    for make in (lambda: gym.make("OptimizerSearch-v0", **bad),
+                 lambda: gym.make_vec("OptimizerSearch-v0", num_envs=2, vectorization_mode="vector_entry_point", **bad)):
+        with pytest.raises(ValueError, match=match):
+            make()

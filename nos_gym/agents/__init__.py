@@ -16,6 +16,7 @@ Each script defines ``Args`` (a ``RunArgs`` dataclass) and ``main(argv) -> Run``
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import sys
 from pathlib import Path
@@ -25,18 +26,36 @@ from typing import Callable
 from nos_gym.agents.config import ConfigError, RunArgs, args_from_dict, load_yaml, parse_args
 from nos_gym.agents.policy import LSTMController, masked_categorical_stats, masked_kl
 from nos_gym.agents.rollout import Batch, play, rollout, uniform_actions
-from nos_gym.agents.runs import Run, format_top, read_log, top_rules
+from nos_gym.agents.runs import Run, RunError, format_top, read_log, top_rules
 
 #: the built-in agents, in the order tables list them
 AGENTS: tuple[str, ...] = ("trpo_lstm", "reinforce_lstm", "random_search", "evolution", "maskable_ppo")
 
 
+#: errors of the machine, not of the program: a full disk, a read-only or forbidden place
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
+                       getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
 def run_cli(main: Callable[[], object]) -> None:
-    """Run an agent script's ``main()`` from the shell: a bad setting prints one line and exits 2."""
+    """Run an agent script's ``main()`` from the shell.
+
+    A bad setting or an unusable run directory (``ConfigError``, ``RunError``) prints one
+    line and exits 2; so does a file-system error (full disk, read-only) that reached
+    here unexplained, naming the file. Ctrl-C exits 130 (``Run`` raises ``SystemExit``).
+    """
+    name = Path(sys.argv[0]).name
     try:
         main()
     except ConfigError as e:
-        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        print(f"{name}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as e:
+        if e.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        where = f" {e.filename}" if e.filename is not None else ""
+        print(f"{name}: error: cannot use{where}: {e.strerror}; free some disk space or make the place "
+              f"writable, then run again (or --resume the run)", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -84,7 +103,7 @@ def load_agent(agent: str) -> ModuleType:
 
 
 __all__ = [
-    "AGENTS", "Batch", "ConfigError", "LSTMController", "Run", "RunArgs", "agent_script", "agents_dir",
+    "AGENTS", "Batch", "ConfigError", "LSTMController", "Run", "RunArgs", "RunError", "agent_script", "agents_dir",
     "args_from_dict", "format_top", "load_agent", "load_yaml", "masked_categorical_stats", "masked_kl",
     "parse_args", "play", "read_log", "rollout", "run_cli", "top_rules", "uniform_actions",
 ]

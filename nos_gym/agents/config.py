@@ -7,11 +7,15 @@ command line from the dataclass, so every setting is a flag (``--max-kl 0.02``),
 
 Precedence: dataclass defaults < ``--config`` file < flags. With ``--resume RUN_DIR`` the
 run's saved ``config.yaml`` replaces the defaults and the file; only ``RESUME_OVERRIDABLE``
-settings (the budget, the progress bar, threads) may be changed by flags.
+settings (the budget, the progress bar, threads, top-k, the evaluation time limit, the Ray
+address) may be changed by flags.
 
 A bad setting stops at once with a ``ConfigError`` that names the key and what is allowed:
-an unknown key (with the closest known one), a wrong type, an unknown task, search space
-or agent.
+an unknown key (with the closest known one), a wrong type (a bool is not an int, a string
+is not a bool), a non-finite float (nan, inf), a value out of range, an unknown task,
+search space or agent, task options the task rejects. ``RunArgs.validate()`` checks all of
+it, types included (so settings built in Python are checked too), before a run directory
+exists.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import sys
 import types
 import typing
@@ -29,13 +34,33 @@ from typing import Any, Sequence, TypeVar
 import yaml
 
 __all__ = [
-    "ConfigError", "RESUME_OVERRIDABLE", "RunArgs", "args_to_dict", "check_agent", "load_yaml",
-    "parse_args", "args_from_dict",
+    "ConfigError", "MAX_DEPTH", "MAX_SEED", "RESUME_OVERRIDABLE", "ResumeDir", "RunArgs", "args_to_dict",
+    "check_agent", "check_types", "load_yaml", "parse_args", "args_from_dict",
 ]
 
 
 class ConfigError(ValueError):
     """A setting that is unknown, of the wrong type or out of range."""
+
+
+#: deepest rule a run may search. The paper searches depth 1 to 3 (the full space already
+#: holds 9e13 strings at depth 3); the vocabulary, the masks and every compiled rule grow
+#: with the depth, and depth 1000 takes about 2 GB and minutes before the first rule.
+MAX_DEPTH = 10
+#: seeds are 0 <= seed <= MAX_SEED: NumPy's legacy seeding (``np.random.seed``, used by runs
+#: and by stable-baselines3) takes 32-bit seeds; torch and ``default_rng`` take these too.
+MAX_SEED = 2**32 - 1
+
+
+class ResumeDir(str):
+    """The run directory of ``--resume`` (a ``str``); ``rebuild`` is True with ``--rebuild``."""
+
+    rebuild: bool = False
+
+    def __new__(cls, path: str, rebuild: bool = False) -> ResumeDir:
+        obj = super().__new__(cls, path)
+        obj.rebuild = bool(rebuild)
+        return obj
 
 
 @dataclass
@@ -71,6 +96,12 @@ class RunArgs:
     """SQLite result store every scored rule is recorded in (shared by runs; cache hits skip scoring)"""
     backend: str = "auto"
     """evaluation backend: auto (serial for cheap tasks, processes for networks), serial, process, ray"""
+    eval_timeout: float | None = 3600.0
+    """seconds one rule's evaluation may take before its worker is stopped and it scores 0 (process and
+    ray backends; the serial backend cannot stop a rule); null/none: no limit"""
+    ray_address: str = ""
+    """Ray cluster to evaluate on (backend ray), e.g. auto or ray://host:10001; empty: $RAY_ADDRESS, else a
+    local Ray"""
     top_k: int = 10
     # --- this process -------------------------------------------------------------------
     torch_threads: int = 1
@@ -78,10 +109,15 @@ class RunArgs:
     """show a tqdm progress bar"""
 
     def validate(self) -> None:
-        """Check values (not just types); subclasses extend it. Raises ``ConfigError``."""
+        """Check types and values; subclasses extend it (calling this first). Raises ``ConfigError``.
+
+        It also builds the task from ``task_options`` once, so options the task rejects stop
+        here, before a run directory exists.
+        """
         from nos_gym.dsl import SPACES
         from nos_gym.tasks import available
 
+        check_types(self)
         if self.task not in available():
             raise ConfigError(f"config key 'task': unknown task {self.task!r}; allowed values: {available()}")
         if self.space not in SPACES:
@@ -89,9 +125,68 @@ class RunArgs:
                               f"allowed values: {sorted(SPACES)}")
         for key in ("depth", "total_rules", "num_envs", "top_k", "torch_threads"):
             _positive(self, key)
+        if self.depth > MAX_DEPTH:
+            raise ConfigError(f"config key 'depth' must be in [1, {MAX_DEPTH}], got {self.depth!r} (the paper searches "
+                              f"depth 1 to 3; masks and compiled rules grow with the depth, and depth 1000 takes "
+                              f"about 2 GB and minutes to set up)")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"config key 'seed' must be in [0, 2**32 - 1 = {MAX_SEED}], got {self.seed!r} "
+                              f"(NumPy's seeding, used by runs and stable-baselines3, takes 32-bit seeds)")
         if self.backend not in ("auto", "serial", "process", "ray"):
             raise ConfigError(f"config key 'backend': unknown backend {self.backend!r}; "
                               f"allowed values: ['auto', 'serial', 'process', 'ray']")
+        if self.eval_timeout is not None and not self.eval_timeout > 0:
+            raise ConfigError(f"config key 'eval_timeout' must be > 0 seconds or null (no limit), "
+                              f"got {self.eval_timeout!r}")
+        if self.ray_address and self.backend != "ray":
+            raise ConfigError(f"config key 'ray_address' ({self.ray_address!r}) is only used by the ray backend, "
+                              f"but backend is {self.backend!r}; set backend: ray, or leave ray_address empty")
+        if self.backend == "ray":
+            import importlib.util
+
+            if importlib.util.find_spec("ray") is None:
+                raise ConfigError("config key 'backend': 'ray' needs Ray, which is not installed: "
+                                  "pip install 'nos-gym[ray]'; or choose backend serial or process")
+        check_task_options(self.task, self.task_options)
+
+
+def check_task_options(task: str, options: dict) -> None:
+    """Build ``task`` with ``options`` once; ``ConfigError`` (naming the options) if the task rejects them."""
+    from nos_gym.tasks import make
+
+    bad_keys = [k for k in options if not isinstance(k, str)]
+    if bad_keys:
+        raise ConfigError(f"config key 'task_options': option names are strings, got {bad_keys!r}")
+    try:
+        make(task, **options)
+    except Exception as e:  # noqa: BLE001 - a task's own check: TypeError for a bad name, ValueError for a value
+        reason = " ".join(str(e).split()) or type(e).__name__
+        if isinstance(e, TypeError) and "unexpected keyword argument" in reason:
+            import inspect
+
+            from nos_gym.tasks import registry
+
+            factory = registry._FACTORIES.get(task)
+            try:
+                names = [n for n, p in inspect.signature(factory).parameters.items()
+                         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+                reason += f"; the options of task {task!r} are {names}"
+            except (TypeError, ValueError):
+                pass
+        raise ConfigError(f"config key 'task_options': task {task!r} rejects {options!r}: {reason}") from None
+
+
+def check_types(args: Any) -> None:
+    """Check (and normalise: ints given for floats become floats) every field of a settings dataclass."""
+    hints = _hints(type(args))
+    for f in dataclasses.fields(args):
+        value = getattr(args, f.name)
+        try:
+            checked = _check_value(f.name, value, hints[f.name])
+        except TypeError:  # a field type this loader does not know (an agent's own): its validate() checks it
+            continue
+        if checked is not value:
+            setattr(args, f.name, checked)
 
 
 def _positive(args: Any, key: str, allow_zero: bool = False) -> None:
@@ -103,16 +198,17 @@ def _positive(args: Any, key: str, allow_zero: bool = False) -> None:
 
 def check_range(args: Any, key: str, low: float | None = None, high: float | None = None,
                 low_open: bool = False) -> None:
-    """Raise ``ConfigError`` unless ``low <= args.key <= high`` (``low < ...`` with ``low_open``)."""
+    """Raise ``ConfigError`` unless ``low <= args.key <= high`` (``low < ...`` with ``low_open``); NaN never passes."""
     value = getattr(args, key)
-    if (low is not None and (value < low or (low_open and value == low))) or (high is not None and value > high):
+    if (value != value or (low is not None and (value < low or (low_open and value == low)))
+            or (high is not None and value > high)):
         lo = "-inf" if low is None else repr(low)
         hi = "inf" if high is None else repr(high)
         raise ConfigError(f"config key {key!r} must be in {'(' if low_open else '['}{lo}, {hi}], got {value!r}")
 
 
 #: settings a resumed run may change (anything else would make it a different run)
-RESUME_OVERRIDABLE = frozenset({"total_rules", "progress", "torch_threads", "top_k"})
+RESUME_OVERRIDABLE = frozenset({"total_rules", "progress", "torch_threads", "top_k", "eval_timeout", "ray_address"})
 
 A = TypeVar("A", bound=RunArgs)
 
@@ -138,18 +234,25 @@ def _check_value(key: str, value: Any, hint: Any) -> Any:
         options = typing.get_args(hint)
         if value is None and type(None) in options:
             return None
+        errors = []
         for option in options:
             if option is type(None):
                 continue
             try:
                 return _check_value(key, value, option)
-            except ConfigError:
-                pass
+            except ConfigError as e:
+                errors.append(e)
+        if len(errors) == 1 and type(None) in options:  # X | None: X's own message, plus "or null"
+            raise ConfigError(f"{errors[0]} (or null)")
         raise ConfigError(f"config key {key!r} expects {_type_name(hint)}, got {type(value).__name__} ({value!r})")
     base = origin or hint
     ok = False
     if base is bool:
         ok = isinstance(value, bool)
+        if not ok:  # a string ("no", "false") or a number is not a bool: say what is
+            raise ConfigError(f"config key {key!r} expects bool, got {type(value).__name__} ({value!r}); "
+                              f"allowed values: true, false (on the command line: --{key.replace('_', '-')} "
+                              f"or --no-{key.replace('_', '-')})")
     elif base is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif base is float:
@@ -160,7 +263,12 @@ def _check_value(key: str, value: Any, hint: Any) -> Any:
                 pass
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         if ok:
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:  # an int too large for a float
+                value = math.inf
+            if not math.isfinite(value):
+                raise ConfigError(f"config key {key!r} expects a finite number, got {value!r}")
     elif base is str:
         ok = isinstance(value, str)
     elif base is dict:
@@ -177,7 +285,12 @@ def _check_value(key: str, value: Any, hint: Any) -> Any:
     else:  # pragma: no cover - a field type this loader does not know
         raise TypeError(f"config field {key!r} has an unsupported type {hint!r}")
     if not ok:
-        raise ConfigError(f"config key {key!r} expects {_type_name(hint)}, got {type(value).__name__} ({value!r})")
+        allowed = {int: "whole numbers" + (" (true/false is not a number)" if isinstance(value, bool) else ""),
+                   float: "finite numbers" + (" (true/false is not a number)" if isinstance(value, bool) else ""),
+                   str: "text", dict: "a mapping such as {name: value}",
+                   list: "a list such as [1, 2]", tuple: "a list such as [1, 2]"}.get(base)
+        extra = f"; allowed values: {allowed}" if allowed else ""
+        raise ConfigError(f"config key {key!r} expects {_type_name(hint)}, got {type(value).__name__} ({value!r}){extra}")
     return value
 
 
@@ -211,14 +324,20 @@ def args_to_dict(args: RunArgs) -> dict[str, Any]:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """A config file as a dict (``yaml.safe_load``); a clear error if it is missing or malformed."""
+    """A config file as a dict (``yaml.safe_load``); a clear error if it is missing, unreadable or malformed."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        raise ConfigError(f"cannot read config file {str(p)!r}: {reason}; check that it is a readable "
+                          f"text file") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {' '.join(str(e).split())}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -255,6 +374,9 @@ def build_parser(cls: type[RunArgs], prog: str | None = None, description: str |
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", metavar="FILE.yaml", help="load settings from a YAML file (flags win)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR where it stopped")
+    parser.add_argument("--rebuild", action="store_true",
+                        help="with --resume, when the run's checkpoint is missing or damaged: continue the run "
+                             "from its log (every record kept; the agent's state restarts from its seed)")
     hints = _hints(cls)
     docs = _field_docs(cls)
     defaults = cls()
@@ -267,6 +389,10 @@ def build_parser(cls: type[RunArgs], prog: str | None = None, description: str |
         elif hint in (int, float, str):
             parser.add_argument(*flags, dest=f.name, type=_flag_type(f.name, hint), metavar=hint.__name__.upper(),
                                 help=help_text)
+        elif _optional_of(hint) in (int, float):
+            inner = _optional_of(hint)
+            parser.add_argument(*flags, dest=f.name, type=_flag_type(f.name, inner, optional=True),
+                                metavar=f"{inner.__name__.upper()}|none", help=help_text)
         else:  # dicts, lists, optionals: YAML/JSON text, type-checked afterwards
             parser.add_argument(*flags, dest=f.name, type=_parse_flag_value, metavar="YAML", help=help_text)
     return parser
@@ -280,12 +406,24 @@ def _dashed(arg: str) -> str:
     return name.replace("_", "-") + eq + value
 
 
-def _flag_type(name: str, hint: type) -> Any:
+def _optional_of(hint: Any) -> Any:
+    """``X`` for a hint ``X | None`` (else None)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        options = [o for o in typing.get_args(hint) if o is not type(None)]
+        if len(options) == 1 and len(typing.get_args(hint)) == 2:
+            return options[0]
+    return None
+
+
+def _flag_type(name: str, hint: type, optional: bool = False) -> Any:
     def convert(text: str) -> Any:
+        if optional and text.strip().lower() in ("none", "null", "~"):
+            return None
         try:
             return hint(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"--{name.replace('_', '-')} expects {hint.__name__}, got {text!r}") from None
+            allowed = f"{hint.__name__} or none" if optional else hint.__name__
+            raise argparse.ArgumentTypeError(f"--{name.replace('_', '-')} expects {allowed}, got {text!r}") from None
     convert.__name__ = hint.__name__
     return convert
 
@@ -318,14 +456,19 @@ def parse_args(cls: type[A], argv: Sequence[str] | None = None, agent: str | Non
     """Settings from defaults, ``--config FILE`` and flags; ``(args, resume_dir_or_None)``.
 
     With ``--resume RUN_DIR`` the run's own ``config.yaml`` is the base and only the
-    settings in ``RESUME_OVERRIDABLE`` may be changed. Raises ``ConfigError`` for a bad
-    setting (argparse itself exits with a usage message for a malformed flag).
+    settings in ``RESUME_OVERRIDABLE`` may be changed; the resume directory comes back as
+    a ``ResumeDir`` (a ``str`` whose ``rebuild`` says whether ``--rebuild`` was given).
+    Raises ``ConfigError`` for a bad setting (argparse itself exits with a usage message
+    for a malformed flag).
     """
     parser = build_parser(cls, prog=f"agents/{agent}.py" if agent else None, description=description)
     argv = list(sys.argv[1:] if argv is None else argv)
     ns = vars(parser.parse_args([_dashed(a) for a in argv]))
     config_path = ns.pop("config", None)
     resume = ns.pop("resume", None)
+    rebuild = ns.pop("rebuild", False)
+    if rebuild and resume is None:
+        raise ConfigError("--rebuild continues a run from its log: it goes with --resume RUN_DIR")
     if resume is not None:
         if config_path is not None:
             raise ConfigError("--resume takes the run's own config.yaml; do not pass --config as well")
@@ -342,6 +485,7 @@ def parse_args(cls: type[A], argv: Sequence[str] | None = None, agent: str | Non
                               f"settings that may change: {sorted(RESUME_OVERRIDABLE)}")
         args = args_from_dict(cls, ns, where="the command line", base=args)
         args.run_dir = str(resume)
+        resume = ResumeDir(resume, rebuild)
     else:
         base = None
         if config_path is not None:

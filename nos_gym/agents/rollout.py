@@ -13,6 +13,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from nos_gym.envs.optimizer_search import TERMINAL_KEYS
+
 __all__ = ["Batch", "rollout", "play", "uniform_actions"]
 
 #: ``act(t, masks)`` -> actions: position t (0-based) and the (N, V) bool masks -> (N,) token ids
@@ -53,7 +55,7 @@ def rollout(envs: Any, act: Actor) -> Batch:
         _, rewards, terminated, _, info = envs.step(actions)
     if not np.all(terminated):
         raise RuntimeError(f"the env did not finish its programs after {length} steps")
-    infos = [{key: info[key][i] for key in ("tokens", "rule", "canonical_key", "metrics", "cached", "error")}
+    infos = [{key: info[key][i] for key in TERMINAL_KEYS}
              for i in range(n)]
     return Batch(tokens, masks, np.asarray(rewards, dtype=float), infos)
 

@@ -135,6 +135,20 @@ def invalid_action_message(vocab: Vocabulary, pos: int, action: int, mask: np.nd
             f"invalid_action='project' to map any index onto a valid token")
 
 
+def check_program_args(depth: Any, distinct_operands: Any, no_final_addition: Any,
+                       reuse_result: Any) -> tuple[int, Constraints]:
+    """The depth and the paper's constraints, checked: a bool is not a depth, and only a bool
+    turns a constraint on or off (``"no"`` would otherwise read as True)."""
+    if isinstance(depth, (bool, np.bool_)) or not isinstance(depth, (int, np.integer)) or depth < 1:
+        raise ValueError(f"depth is the number of groups, an integer >= 1 (the paper uses 1, 2, 3); got {depth!r}")
+    flags = {"distinct_operands": distinct_operands, "no_final_addition": no_final_addition,
+             "reuse_result": reuse_result}
+    for name, value in flags.items():
+        if not isinstance(value, (bool, np.bool_)):
+            raise ValueError(f"{name} turns a constraint of the paper on or off: True or False, got {value!r}")
+    return int(depth), Constraints(*(bool(v) for v in flags.values()))
+
+
 def observation_space(mode: str, length: int, V: int) -> spaces.Space:
     """The observation space of one env: "tokens" (MultiDiscrete) or "onehot" (Box)."""
     if mode == "tokens":
@@ -281,17 +295,16 @@ class OptimizerSearchEnv(gym.Env[np.ndarray, np.int64]):
                  invalid_action: str = "project", evaluator: EvaluatorLike | None = None,
                  task_options: dict[str, Any] | None = None, render_mode: str | None = None,
                  observation: str = "tokens"):
-        if not isinstance(depth, (int, np.integer)) or depth < 1:
-            raise ValueError(f"depth is the number of groups, an integer >= 1 (the paper uses 1, 2, 3); got {depth!r}")
+        depth, constraints = check_program_args(depth, distinct_operands, no_final_addition, reuse_result)
         if observation not in OBSERVATION_MODES:
             raise ValueError(f"observation must be one of {OBSERVATION_MODES}, got {observation!r}")
         if invalid_action not in INVALID_ACTION_MODES:
             raise ValueError(f"invalid_action must be one of {INVALID_ACTION_MODES}, got {invalid_action!r}")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}")
-        self.depth = int(depth)
+        self.depth = depth
         self.space = get_space(space)
-        self.constraints = Constraints(bool(distinct_operands), bool(no_final_addition), bool(reuse_result))
+        self.constraints = constraints
         self.invalid_action = invalid_action
         self.render_mode = render_mode
         self.evaluator = make_evaluator(task, evaluator, task_options)

@@ -34,7 +34,7 @@ from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from nos_gym.dsl import Constraints, Masker, Program, SearchSpace, get_space
+from nos_gym.dsl import Masker, Program, SearchSpace, get_space
 from nos_gym.dsl.vocabulary import GROUP_SIZE
 from nos_gym.envs.optimizer_search import (
     INVALID_ACTION_MODES,
@@ -44,6 +44,7 @@ from nos_gym.envs.optimizer_search import (
     InvalidActionError,
     MaskTable,
     action_index,
+    check_program_args,
     invalid_action_message,
     make_evaluator,
     observation_space,
@@ -77,8 +78,7 @@ class OptimizerSearchVectorEnv(VectorEnv):
                  max_episode_steps: int | None = None, observation: str = "tokens"):
         if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ValueError(f"num_envs must be an integer >= 1, got {num_envs!r}")
-        if not isinstance(depth, (int, np.integer)) or depth < 1:
-            raise ValueError(f"depth is the number of groups, an integer >= 1; got {depth!r}")
+        depth, constraints = check_program_args(depth, distinct_operands, no_final_addition, reuse_result)
         if invalid_action not in INVALID_ACTION_MODES:
             raise ValueError(f"invalid_action must be one of {INVALID_ACTION_MODES}, got {invalid_action!r}")
         try:
@@ -92,13 +92,13 @@ class OptimizerSearchVectorEnv(VectorEnv):
             raise ValueError(f"render_mode must be None or one of {type(self).metadata['render_modes']}, "
                              f"got {render_mode!r}")
         self.num_envs = int(num_envs)
-        self.depth = int(depth)
+        self.depth = depth
         self.length = GROUP_SIZE * self.depth
         if max_episode_steps is not None and max_episode_steps < self.length:
             raise ValueError(f"episodes are exactly {self.length} steps (5 x depth); "
                              f"max_episode_steps={max_episode_steps} would cut them")
         self.space = get_space(space)
-        self.constraints = Constraints(bool(distinct_operands), bool(no_final_addition), bool(reuse_result))
+        self.constraints = constraints
         self.invalid_action = invalid_action
         self.render_mode = render_mode
         self.autoreset_mode = mode
