@@ -1,6 +1,6 @@
 """``SB3VecEnv``: the vector env as a stable-baselines3 ``VecEnv`` (imports torch via SB3).
 
-Imported on first access through ``nos_gym.envs.vector.SB3VecEnv`` (or ``nos_gym.envs``), so
+Imported on first access through ``nos_gym.envs.SB3VecEnv``, so
 that the env modules themselves stay light.
 """
 
