@@ -75,15 +75,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 # ------------------------------------------------------------------------------ trainer
 def _compact(net: GroupedConvNet, rule: BatchedRule, state: RuleState, lr: torch.Tensor, keep: torch.Tensor):
     """The group restricted to rows ``keep``: weights, batch-norm statistics, rule state, rates."""
-    f = net.filters
-    small = GroupedConvNet(len(keep), net.flat.detach()[keep], f, net.channels_last).to(net.flat.device).train()
-    with torch.no_grad():
-        for name, _ in small.named_buffers():
-            getattr(small, name).copy_(getattr(net, name).view(-1, f)[keep].reshape(-1))
-    rule2 = BatchedRule([rule.programs[int(i)] for i in keep], rule.hyper, rule.generator, net.flat.device)
-    needs = rule2.init(small.flat.detach()).averages  # which averages the smaller batch reads
-    state2 = RuleState(state.step, {k: state.averages[k][keep] for k in needs})
-    return small, rule2, state2, lr[keep]
+    small_rule, small_state = rule.select(keep, state)
+    return net.select(keep).train(), small_rule, small_state, lr[keep]
 
 
 def train_curves(programs: Sequence, lrs: Sequence[float], train: Split, val: Split, test: Split, *, epochs: int,

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from nos_gym.dsl import Masker, Program, get_space, parse
-from nos_gym.rules import BatchedRule, Hyper
+from nos_gym.rule_plan import BankLayout, GroupPlan, Plan, Run, build_plan
+from nos_gym.rules import BatchedRule, Hyper, RuleState
 
 # numbers that depend on float rounding: CI runs these again with the scalar CPU kernels
 pytestmark = pytest.mark.numerics
@@ -187,3 +188,100 @@ def test_batched_executor_equals_the_optimizer_executor_on_random_rules():
                 w.grad = 2 * w + 1.5 * torch.sin(3 * w) + 0.1 * torch.roll(w, 1, dims=-1)
             opt.step()
         assert torch.allclose(w.detach(), batched[i], rtol=1e-9, atol=1e-300, equal_nan=True), p.format()
+
+
+# ------------------------------------------------------------------------ the step plan
+def test_plan_of_three_programs_field_by_field():
+    # PowerSign (depth 2), two clips added, noise minus m: the two depth-1 programs are
+    # padded with keep(r1, 1); both groups have a binary, so every group has 2 x 3 slots
+    programs = [parse("g * exp(sign(g) * sign(m))"), parse("clip(g, 1e-5) + clip(v, 1e-3)"), parse("noise - m")]
+    plan = build_plan(programs)
+    assert isinstance(plan, Plan)
+    assert (plan.rows, plan.depth, plan.averages) == (3, 2, ("m", "v"))
+    # the bank: "1" (rows 0-2), the operands computed from g and the averages (3 rows each,
+    # sorted), one row for the one read of noise, then r1 (read by group 2)
+    assert plan.bank == BankLayout(rows=3, constant=("one",), powers=(), computed=("g", "m", "sign_g", "sign_m", "v"),
+                                   scaled_w=(), noise_rows=1, results=(("r1", 19),))
+    assert (plan.bank.computed_start, plan.bank.noise_start, plan.bank.size) == (3, 18, 22)
+    assert [plan.bank.entry(t) for t in ("one", "g", "m", "sign_g", "sign_m", "v", "r1")] == [0, 3, 6, 9, 12, 15, 19]
+    first, second = plan.groups
+    # group 1, slots (row, side) in unary order: the clips first (one call for both levels),
+    # then the identities: (1, right) v, (1, left) g, (0, left) sign_g, (2, left) noise,
+    # (0, right) sign_m, (2, right) m
+    assert first == GroupPlan(
+        reads=(15 + 1, 3 + 1, 9 + 0, 18, 12 + 0, 6 + 2),
+        unary_runs=(Run("clip", 0, 2, (1e-3, 1e-5)),),
+        row_order=(1, 0, 2),                         # add (row 1), mul (row 0), sub (row 2)
+        sides_order=(1, 2, 3, 0, 4, 5),              # left sides of rows 1, 0, 2, then their right sides
+        binary_runs=(Run("add", 0, 1), Run("mul", 1, 2), Run("sub", 2, 3)),
+        result_row=19,                               # r1, rows in row_order: row 1 at 19, row 0 at 20
+    )
+    # group 2: row 0 is g * exp(r1); rows 1 and 2 pass r1 through (keep: no call)
+    assert second == GroupPlan(
+        reads=(20, 3, 19, 21, 1, 2),                 # (0, right) r1 [exp], then g, r1, r1, 1, 1
+        unary_runs=(Run("exp", 0, 1),),
+        row_order=(1, 2, 0),                         # keep, keep, mul
+        sides_order=(2, 3, 1, 4, 5, 0),
+        binary_runs=(Run("mul", 2, 3),),
+        result_row=None,                             # the last group's output is the update
+    )
+    assert plan.output_index == (2, 0, 1)            # program 0's update is row 2 of the output
+
+
+def test_plan_without_a_binary_computes_left_sides_only():
+    plan = build_plan([parse("clip(g, 1e-4)"), parse("m"), parse("noise")])
+    assert plan.bank == BankLayout(3, (), (), ("g", "m"), (), 1, ())
+    assert plan.averages == ("m",)
+    (group,) = plan.groups
+    assert group == GroupPlan(reads=(0, 3 + 1, 6), unary_runs=(Run("clip", 0, 1, (1e-4,)),), row_order=(0, 1, 2),
+                              sides_order=None, binary_runs=(), result_row=None)
+    assert plan.output_index is None
+
+
+def test_plan_keeps_g_cubed_for_y_and_a_bank_row_per_noise_read():
+    plan = build_plan([parse("y"), parse("noise - noise"), parse("1e-2 * w")])
+    assert plan.bank.powers == ("g2", "g3")         # y's average shares g^3 with the operands
+    assert plan.bank.scaled_w == ("w1e-2",)
+    assert plan.bank.noise_rows == 2
+    assert plan.averages == ("y",)
+
+
+def test_update_leaves_the_callers_state_as_it_was():
+    rule = BatchedRule([parse("ADAM"), parse("y * g^3"), parse("g")])
+    w = torch.tensor([[1.0, -2.0], [0.5, 3.0], [2.0, 2.0]], dtype=torch.float64)
+    state = rule.init(w)
+    g = torch.tensor([[0.1, -0.2], [0.3, 0.4], [-1.0, 2.0]], dtype=torch.float64)
+    _, state = rule.update(state, g, w)
+    before = RuleState(state.step, {k: v.clone() for k, v in state.averages.items()})
+    d1, after = rule.update(state, 2 * g, w)
+    assert state.step == before.step and after.step == state.step + 1
+    for k, v in state.averages.items():
+        assert torch.equal(v, before.averages[k]), k
+        assert not torch.equal(after.averages[k], v), k
+    d2, again = rule.update(state, 2 * g, w)  # the same state gives the same step
+    assert torch.equal(d1, d2)
+    assert all(torch.equal(again.averages[k], after.averages[k]) for k in after.averages)
+
+
+def test_select_drops_rows_and_the_rest_go_on_unchanged():
+    programs = _random_deterministic_programs(12, 2, seed=4)
+    torch.manual_seed(2)
+    w = torch.randn(12, 3, dtype=torch.float64)
+    full = BatchedRule(programs)
+    state = full.init(w)
+    keep = [0, 3, 4, 9, 11]
+    rule, small = None, None
+    for t in range(8):
+        grad = 2 * w + torch.sin(3 * w)
+        d, state = full.update(state, grad, w)
+        if t == 4:
+            rule, small = full.select(torch.tensor(keep), state)
+            assert small.step == state.step
+            assert set(small.averages) == set(rule.plan.averages) <= set(state.averages)
+            w_small = w[keep].clone()
+        if t > 4:
+            d_small, small = rule.update(small, grad[keep], w_small)
+            assert torch.equal(d_small, d[keep])
+            w_small = w_small - 1e-2 * d_small
+        w = w - 1e-2 * d
+    assert [p.tokens for p in rule.programs] == [programs[i].tokens for i in keep]

@@ -17,14 +17,14 @@ identities of the computation, so two programs with one key compute the same num
 
 from __future__ import annotations
 
-from nos_gym.dsl.program import Tree
+from nos_gym.dsl.tree import Tree
+from nos_gym.dsl.vocabulary import COMMUTATIVE
 
 _EXPANSIONS: dict[str, Tree] = {
     "adam": ("b", "div", ("op", "m"), ("u", "sqrt_abs", ("op", "v"))),
     "rmsprop": ("b", "div", ("op", "g"), ("u", "sqrt_abs", ("op", "v"))),
 }
 _SIGN_OPERANDS = {"g": "sign_g", "m": "sign_m"}
-_COMMUTATIVE = {"add", "mul"}
 
 
 def canonicalize(node: Tree) -> Tree:
@@ -49,7 +49,7 @@ def canonicalize(node: Tree) -> Tree:
     if name == "keep":
         return canonicalize(node[2])
     left, right = canonicalize(node[2]), canonicalize(node[3])
-    if name in _COMMUTATIVE:
+    if name in COMMUTATIVE:
         terms: list[Tree] = []
         for t in (left, right):
             # flatten n-ary sums/products: ("b", "add", t1, t2, t3, ...)

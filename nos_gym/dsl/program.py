@@ -9,14 +9,18 @@ The expression tree uses plain tuples so it is cheap, hashable and easy to walk:
 - ``("op", name)`` a base operand,
 - ``("u", name, child)`` a unary function,
 - ``("b", name, left, right)`` a binary function.
+
+(``Tree`` and the walks over it live in ``tree.py``, the canonical form in ``canonical.py``;
+both sit below this module.)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Union
 
+from nos_gym.dsl.canonical import canonicalize, tree_key
+from nos_gym.dsl.tree import Tree, leaves, names, simplify
 from nos_gym.dsl.vocabulary import (
     BASE_OPERANDS,
     BINARY,
@@ -30,7 +34,7 @@ from nos_gym.dsl.vocabulary import (
     result_operand,
 )
 
-Tree = Union[tuple[str, str], tuple[str, str, "Tree"], tuple[str, str, "Tree", "Tree"]]
+__all__ = ["InvalidProgramError", "Program", "Tree"]
 
 
 class InvalidProgramError(ValueError):
@@ -96,34 +100,30 @@ class Program:
     @cached_property
     def used_operands(self) -> frozenset[str]:
         """Base operands the update actually depends on (keep-left's dropped branch excluded)."""
-        return frozenset(_leaves(_simplify(self.tree)))
+        return frozenset(leaves(simplify(self.tree)))
 
     @cached_property
     def stochastic(self) -> bool:
         """Whether the update draws random numbers (``noise`` or ``drop``; unused branches aside)."""
-        return any(name in STOCHASTIC for name in _names(_simplify(self.tree)))
+        return any(name in STOCHASTIC for name in names(simplify(self.tree)))
 
     # -- notation ------------------------------------------------------------------------
     def format(self) -> str:
         """The rule in the paper's notation, e.g. ``g * exp(sign(g) * sign(m))``."""
-        from nos_gym.dsl.notation import format_tree
+        from nos_gym.dsl.notation import format_tree  # notation.py imports this module
 
-        return format_tree(_simplify(self.tree))
+        return format_tree(simplify(self.tree))
 
     def __str__(self) -> str:
         return self.format()
 
     @cached_property
     def canonical_tree(self) -> Tree:
-        from nos_gym.dsl.canonical import canonicalize
-
         return canonicalize(self.tree)
 
     @cached_property
     def canonical_key(self) -> str:
         """A string shared by all token strings that denote the same rule (see ``canonical``)."""
-        from nos_gym.dsl.canonical import tree_key
-
         return tree_key(self.canonical_tree)
 
     # -- integer ids (the env's action space) ---------------------------------------------
@@ -138,34 +138,7 @@ class Program:
 
     @classmethod
     def from_string(cls, text: str) -> "Program":
-        from nos_gym.dsl.notation import parse
+        from nos_gym.dsl.notation import parse  # notation.py imports this module
 
         return parse(text)
 
-
-def _simplify(node: Tree) -> Tree:
-    """Drop identity unaries and keep-left's right branch: what a reader sees, order kept."""
-    kind = node[0]
-    if kind == "op":
-        return node
-    if kind == "u":
-        child = _simplify(node[2])
-        return child if node[1] == "id" else ("u", node[1], child)
-    if node[1] == "keep":
-        return _simplify(node[2])
-    return ("b", node[1], _simplify(node[2]), _simplify(node[3]))
-
-
-def _names(node: Tree):
-    """Every operand and function name in the tree."""
-    yield node[1]
-    for child in node[2:]:
-        yield from _names(child)  # type: ignore[arg-type]
-
-
-def _leaves(node: Tree):
-    if node[0] == "op":
-        yield node[1]
-    else:
-        for child in node[2:]:
-            yield from _leaves(child)

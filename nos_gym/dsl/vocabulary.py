@@ -10,7 +10,11 @@ m / (sqrt(v) + eps) and ``RMSProp`` is g / (sqrt(v) + eps), both with those aver
 ``r1, r2, ...`` are the results of earlier groups (the "operand bank").
 
 ``sqrt|x|`` is not in section 4.1's list, but Figure 2 needs it to write SGD-free forms
-of RMSProp and Adam; it belongs to the "figure2" and "extended" search spaces only.
+of RMSProp and Adam; of the named search spaces (``nos_gym.dsl.spaces``) only "extended"
+has it.
+
+This module imports nothing heavy (no torch, no numpy): the whole language's constants,
+``SEMANTICS_VERSION`` included, can be read without loading an executor.
 """
 
 from __future__ import annotations
@@ -62,6 +66,9 @@ BINARY: dict[str, str] = {
     "keep": "",
 }
 
+#: binaries whose arguments commute (the canonical form sorts them; an executor may swap them)
+COMMUTATIVE: frozenset[str] = frozenset({"add", "mul"})
+
 # Section 4.1 exactly (the extension sqrt_abs is excluded).
 PAPER_UNARY: tuple[str, ...] = tuple(u for u in UNARY if u != "sqrt_abs")
 
@@ -77,6 +84,13 @@ DROP_RATES = {"drop0.1": 0.1, "drop0.3": 0.3, "drop0.5": 0.5}
 WEIGHT_SCALES = {"w1e-4": 1e-4, "w1e-3": 1e-3, "w1e-2": 1e-2, "w1e-1": 1e-1}
 #: tokens that draw random numbers: a rule using one scores differently with other draws
 STOCHASTIC: frozenset[str] = frozenset({"noise", *DROP_RATES})
+
+#: The version of the language's numerical semantics (operands, functions, random draws).
+#: Every task's fingerprint includes it, so scores computed under other semantics are never
+#: reused from a cache or store. 2: ``drop`` zeroes entries even when inf; ``noise`` is a
+#: fresh float32 draw per read (stochastic rules score differently than under 1).
+#: (``nos_gym.rules.SEMANTICS_VERSION`` is this number.)
+SEMANTICS_VERSION = 2
 
 GROUP_SIZE = 5
 # position within a group -> kind of token allowed there

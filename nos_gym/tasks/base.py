@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from nos_gym.dsl import Program
-from nos_gym.rules import SEMANTICS_VERSION
+from nos_gym.dsl.vocabulary import SEMANTICS_VERSION  # not nos_gym.rules: this module needs no torch
 
 
 @dataclass

@@ -34,6 +34,8 @@ minibatches, so a reward depends on the rule alone (and on drop/noise draws).
 the sweep of B rules is one group of 7B children, the final training one group of B.
 ``train_child`` here is the plain one-network-at-a-time PyTorch reference (and the naive
 baseline of ``benchmarks/child_throughput.py``); the tests check the two agree in fp32.
+The network, its flat weight layout and initial weights, and the minibatch order live in
+``nos_gym.tasks.child`` (both trainers use them) and are importable from here too.
 """
 
 from __future__ import annotations
@@ -47,16 +49,19 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from nos_gym.data import CIFAR10, Split, dataset_id, load_cifar10, normalize
 from nos_gym.dsl import Program
 from nos_gym.optim import NOSOptimizer
 from nos_gym.rules import Hyper
 from nos_gym.tasks.base import Result, Task
+from nos_gym.tasks.child import CLASSES, IMAGE, ChildNet, batch_order, init_child, layout
+from nos_gym.tasks.grouped import train_children
 
-CLASSES = 10
-IMAGE = 32
+# the child network's names, importable from here as before (they live in child.py)
+__all__ = ["CLASSES", "IMAGE", "PAPER_LRS", "PRESETS", "ChildNet", "ChildResult", "ConvNetTask", "Protocol",
+           "batch_order", "init_child", "layout", "train_child"]
 
 
 # ------------------------------------------------------------------------- protocol
@@ -166,91 +171,7 @@ PRESETS: dict[str, Protocol] = {
 }
 
 
-# -------------------------------------------------------------------------- network
-def layout(filters: int = 32) -> list[tuple[str, tuple[int, ...]]]:
-    """Parameter names and shapes of one child, in ``ChildNet.parameters()`` order (the flat order)."""
-    f = filters
-    return [
-        ("conv1.weight", (f, 3, 3, 3)),
-        ("bn1.weight", (f,)),
-        ("bn1.bias", (f,)),
-        ("conv2.weight", (f, f, 3, 3)),
-        ("bn2.weight", (f,)),
-        ("bn2.bias", (f,)),
-        ("fc.weight", (CLASSES, f * (IMAGE // 4) ** 2)),
-        ("fc.bias", (CLASSES,)),
-    ]
-
-
-def init_child(seed: int = 0, filters: int = 32) -> Tensor:
-    """The initial weights of a child as one flat float32 vector (CPU), drawn from ``seed``.
-
-    PyTorch's defaults (uniform in +-1/sqrt(fan_in) for conv and linear weights and the
-    linear bias; BN scale 1, shift 0), drawn here so that a whole group of children and a
-    lone ``ChildNet`` get identical weights without building B modules.
-    """
-    gen = torch.Generator().manual_seed(int(seed))
-    fc_in = filters * (IMAGE // 4) ** 2
-    parts = []
-    for name, shape in layout(filters):
-        n = math.prod(shape)
-        if name.startswith("bn"):
-            parts.append(torch.full((n,), 1.0 if name.endswith("weight") else 0.0))
-            continue
-        fan_in = fc_in if name.startswith("fc") else math.prod(shape[1:])
-        bound = 1.0 / math.sqrt(fan_in)
-        parts.append(torch.rand(n, generator=gen) * (2 * bound) - bound)
-    return torch.cat(parts)
-
-
-class ChildNet(nn.Module):
-    """One child network, as plain PyTorch modules (the reference the grouped trainer matches)."""
-
-    def __init__(self, filters: int = 32):
-        super().__init__()
-        self.filters = filters
-        self.conv1 = nn.Conv2d(3, filters, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(filters)
-        self.conv2 = nn.Conv2d(filters, filters, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(filters)
-        self.fc = nn.Linear(filters * (IMAGE // 4) ** 2, CLASSES)
-
-    def forward(self, x: Tensor) -> Tensor:
-        # relu(maxpool(x)) == maxpool(relu(x)); pooling first makes ReLU 4x cheaper
-        x = F.relu(F.max_pool2d(self.bn1(self.conv1(x)), 2))
-        x = F.relu(F.max_pool2d(self.bn2(self.conv2(x)), 2))
-        return self.fc(x.flatten(1))
-
-    @torch.no_grad()
-    def load_flat(self, flat: Tensor) -> "ChildNet":
-        """Set the weights from a flat vector in ``layout`` order (e.g. ``init_child``)."""
-        params = dict(self.named_parameters())
-        offset = 0
-        for name, shape in layout(self.filters):
-            n = math.prod(shape)
-            params[name].copy_(flat[offset:offset + n].view(shape))
-            offset += n
-        if offset != flat.numel():
-            raise ValueError(f"a flat vector of {flat.numel()} values for {offset} weights")
-        return self
-
-    def flat(self) -> Tensor:
-        """The weights as one flat vector in ``layout`` order."""
-        params = dict(self.named_parameters())
-        return torch.cat([params[name].detach().reshape(-1) for name, _ in layout(self.filters)])
-
-
-# --------------------------------------------------------------------- shared pieces
-def batch_order(n: int, batch_size: int, epochs: int, seed: int) -> list[Tensor]:
-    """Minibatch indices into the first ``n`` examples: a fresh seeded shuffle per epoch, last partial batch dropped."""
-    gen = torch.Generator().manual_seed(int(seed))
-    out = []
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=gen)
-        out += list(perm[: (n // batch_size) * batch_size].view(-1, batch_size))
-    return out
-
-
+# --------------------------------------------------------------------- reference path
 class ChildResult(NamedTuple):
     """What training one child gave: validation accuracy, whether it diverged, last training loss."""
 
@@ -396,8 +317,6 @@ class ConvNetTask(Task):
         return out
 
     def _evaluate_group(self, programs: list[Program]) -> list[Result]:
-        from nos_gym.tasks.grouped import train_children  # grouped.py builds on this module
-
         t0 = time.perf_counter()
         p, data = self.protocol, self.data
         val = data.val.take(p.val_examples)

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from nos_gym.data import Split, normalize
 from nos_gym.dsl import Program
 from nos_gym.rules import BatchedRule, Hyper, RuleState
-from nos_gym.tasks.convnet import batch_order, init_child, layout
+from nos_gym.tasks.child import batch_order, init_child, layout
 
 BN_MOMENTUM, BN_EPS = 0.1, 1e-5  # nn.BatchNorm2d's defaults, as in ChildNet
 
@@ -68,6 +68,19 @@ class GroupedConvNet(nn.Module):
         for k in (1, 2):
             self.register_buffer(f"running_mean{k}", torch.zeros(c, device=init.device))
             self.register_buffer(f"running_var{k}", torch.ones(c, device=init.device))
+
+    def select(self, rows: Sequence[int] | Tensor) -> GroupedConvNet:
+        """The children ``rows`` only (in that order) as a new group: their weights and
+        batch-norm statistics, in this group's mode (e.g. to drop diverged children, with
+        ``BatchedRule.select`` for their rules)."""
+        device = self.flat.device
+        index = torch.as_tensor(rows, dtype=torch.long, device=device)
+        small = GroupedConvNet(len(index), self.flat.detach()[index], self.filters, self.channels_last).to(device)
+        small.train(self.training)
+        with torch.no_grad():
+            for name, buf in small.named_buffers():
+                buf.copy_(getattr(self, name).view(-1, self.filters)[index].reshape(-1))
+        return small
 
     def param(self, name: str) -> Tensor:
         """Weight ``name`` of every child, shaped (B, *shape) (a differentiable copy of the flat rows)."""

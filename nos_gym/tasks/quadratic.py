@@ -15,7 +15,9 @@ the same noise. The score is the one of the Rosenbrock task, on the exact (noise
 final loss: ``log_progress(f(w0), L*, loss_floor)``, with ``L*`` the best final loss over
 the grid and ``loss_floor`` = 1e-6 (see ``nos_gym.tasks.grid.log_progress``).
 
-All B programs x L learning rates run as one ``(B * L, dim)`` computation per depth.
+All B programs x L learning rates run as one ``(B * L, dim)`` computation: one
+``BatchedRule``, programs of every depth together (shorter ones padded with pass-through
+groups to the deepest).
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ import torch
 from nos_gym.dsl import Program
 from nos_gym.rules import BatchedRule, Hyper
 from nos_gym.tasks.grid import LossGridTask
-
 
 
 class QuadraticTask(LossGridTask):

@@ -27,12 +27,13 @@ strictly decreasing in ``L*`` in between (each factor 10 is worth 1/13.4 = 0.075
 
 **Batching.** ``evaluate`` runs all B programs x L learning rates as one vectorised
 computation: a ``(B * L, 2)`` parameter tensor trained by one ``BatchedRule`` (the
-batched rule compiler, ``nos_gym.rules``); programs of different depths are
-run as one computation per depth. Rows that diverge (NaN or inf parameters, which never
-come back) are dropped from the computation at steps 25, 100, 400 and 1,600, which changes
-no other row's numbers. Everything is seeded (``seed`` drives ``drop`` and
-``noise``), so a batch always gets the same scores. The draws of a stochastic rule depend
-on where it sits in its batch, so its score can differ slightly between two batches.
+batched rule compiler, ``nos_gym.rules``); programs of different depths run together in
+it (shorter ones padded with pass-through groups to the deepest). Rows that diverge (NaN
+or inf parameters, which never come back) are dropped from the computation at steps 25,
+100, 400 and 1,600 (``BatchedRule.select``), which changes no other row's numbers.
+Everything is seeded (``seed`` drives ``drop`` and ``noise``), so a batch always gets the
+same scores. The draws of a stochastic rule depend on where it sits in its batch, so its
+score can differ slightly between two batches.
 
 Also here: ``rosenbrock`` (the plain function, for floats, NumPy or torch) and
 ``RosenbrockTask.path`` (the iterates of one rule, for Figure-6 style plots).
@@ -41,13 +42,13 @@ Also here: ``rosenbrock`` (the plain function, for floats, NumPy or torch) and
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from nos_gym.dsl import Program
+from nos_gym.dsl.table1 import get_rule
 from nos_gym.rules import BatchedRule, Hyper
 from nos_gym.tasks.grid import LossGridTask
 
@@ -127,8 +128,6 @@ class RosenbrockTask(LossGridTask):
         ``rule`` is a Program, a rule in paper notation or a Table 1 name ("powersign").
         ``lr`` defaults to the rule's best learning rate on the grid.
         """
-        from nos_gym.optim import get_rule
-
         program = get_rule(rule)
         if lr is None:
             result = self.evaluate([program])[0]
@@ -151,8 +150,7 @@ class RosenbrockTask(LossGridTask):
         L = len(lrs)
         rows = [p for p in programs for _ in range(L)]
         R = len(rows)
-        generator = torch.Generator().manual_seed(self.seed)
-        rule = BatchedRule(rows, Hyper(), generator=generator)
+        rule = BatchedRule(rows, Hyper(), generator=torch.Generator().manual_seed(self.seed))
         params = torch.tensor(self.start, dtype=dtype).repeat(R, 1)
         # (R, 2), not (R, 1): broadcasting a column costs 5x a plain kernel at this size
         lr = torch.tensor(lrs, dtype=dtype).repeat(len(programs)).view(R, 1).expand(R, 2).contiguous()
@@ -174,10 +172,8 @@ class RosenbrockTask(LossGridTask):
                     break
                 if n_ok <= 0.95 * len(ok):  # drop the diverged rows
                     keep = torch.nonzero(ok).flatten()
-                    rows = [rows[i] for i in keep.tolist()]
                     live, params, lr = live[keep], params[keep].contiguous(), lr[keep].contiguous()
-                    rule = BatchedRule(rows, Hyper(), generator=generator)
-                    state = replace(state, averages={k: v[keep].contiguous() for k, v in state.averages.items()})
+                    rule, state = rule.select(keep, state)
                     grad, tmp, (x, y), (gx, gy) = self._buffers(params)
             # df/dy = 2b (y - x^2);  df/dx = 2 (x - a) - 2 x df/dy
             torch.addcmul(y, x, x, value=-1.0, out=tmp)
