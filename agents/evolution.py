@@ -1,116 +1,12 @@
 """Regularized (aging) evolution (Real et al., AAAI 2019) over update rules.
 
-A population of ``population_size`` rules starts from masked random samples. Each
-batch makes ``num_envs`` children: for each, ``tournament_size`` members are drawn at
-random and the best one is mutated. All children are scored together through the
-vector env, join the population, and as many of the *oldest* members leave (aging, not
-the worst: the "regularized" part).
-
-A mutation respects the masks: it picks a position where more than one token is valid,
-replaces its token by another valid one, and then repairs the rest of the string: each
-later token that the new prefix makes invalid (a distinct-operand or reuse-result
-constraint, say) is redrawn uniformly among the valid ones. So every child is a string
-the env accepts in ``invalid_action="raise"`` mode.
-
-Run it::
-
-    python agents/evolution.py                        # Rosenbrock, same budget as trpo_lstm
-    python agents/evolution.py --population-size 200 --tournament-size 50
+The agent itself is ``nos_gym/agents/evolution.py`` (one readable file: arguments, network,
+loop), so it also runs from an installed package as ``nos-gym search --agent evolution``.
+This script runs it from a clone: ``python agents/evolution.py --help`` lists its settings.
 """
 
-from __future__ import annotations
-
-from collections import deque
-from dataclasses import dataclass
-from typing import Sequence
-
-import numpy as np
-
-from nos_gym.agents import Run, RunArgs, parse_args, play, rollout, run_cli, uniform_actions
-from nos_gym.agents.config import ConfigError, check_range
-from nos_gym.dsl import Constraints, Masker, get_space
-
-
-# ------------------------------------------------------------------------------ arguments
-@dataclass
-class Args(RunArgs):
-    """Evolution settings (shared ones in ``nos_gym.agents.config.RunArgs``)."""
-
-    total_rules: int = 3000
-    num_envs: int = 100
-    population_size: int = 100
-    """rules alive at once; the first ones are masked random samples"""
-    tournament_size: int = 25
-    """members drawn per tournament; the best is the parent"""
-    mutations: int = 1
-    """token mutations per child"""
-
-    def validate(self) -> None:
-        super().validate()
-        check_range(self, "population_size", 2)
-        check_range(self, "tournament_size", 1)
-        check_range(self, "mutations", 1)
-        if self.tournament_size > self.population_size:
-            raise ConfigError(f"config key 'tournament_size' ({self.tournament_size}) must be <= "
-                              f"population_size ({self.population_size})")
-
-
-# ------------------------------------------------------------------------------ mutation
-def mutate(tokens: np.ndarray, masker: Masker, rng: np.random.Generator) -> np.ndarray:
-    """A copy of ``tokens`` with one position changed to another valid token, the rest repaired."""
-    child = np.array(tokens, dtype=np.int64)
-    choices = [i for i in range(len(child)) if masker.mask(child[:i]).sum() > 1]
-    i = int(rng.choice(choices))
-    valid = np.flatnonzero(masker.mask(child[:i]))
-    child[i] = rng.choice(valid[valid != child[i]])
-    for j in range(i + 1, len(child)):  # repair: later tokens the new prefix forbids are redrawn
-        mask = masker.mask(child[:j])
-        if not mask[child[j]]:
-            child[j] = rng.choice(np.flatnonzero(mask))
-    return child
-
-
-# ----------------------------------------------------------------------------------- loop
-def main(argv: Sequence[str] | None = None) -> Run:
-    args, resume = parse_args(Args, argv, agent="evolution", description=__doc__)
-    with Run.open(args, "evolution", resume) as run:
-        envs = run.make_envs()
-        masker = Masker(get_space(args.space), args.depth,
-                        Constraints(args.distinct_operands, args.no_final_addition, args.reuse_result))
-        rng = np.random.default_rng(args.seed)
-        population: deque[tuple[np.ndarray, float]] = deque()  # (token ids, reward), oldest first
-        if run.checkpoint is not None:
-            state = run.checkpoint["state"]
-            rng.bit_generator.state = state["rng"]
-            population.extend((np.asarray(t, dtype=np.int64), float(r)) for t, r in state["population"])
-
-        for b in run.batches():
-            if len(population) < args.population_size:
-                # 1a. the first generation: masked random rules
-                batch = rollout(envs, uniform_actions(rng))
-            else:
-                # 1b. tournament selection, then a mask-respecting mutation of each winner
-                children = []
-                for _ in range(args.num_envs):
-                    picks = rng.choice(len(population), size=args.tournament_size, replace=False)
-                    parent = max(picks, key=lambda k: population[k][1])
-                    child = population[parent][0]
-                    for _ in range(args.mutations):
-                        child = mutate(child, masker, rng)
-                    children.append(child)
-                batch = play(envs, np.stack(children))  # the env scores the children together
-            run.record(b, batch.infos, batch.rewards)
-
-            # 2. aging: the newest join, the oldest leave
-            population.extend(zip(batch.tokens, batch.rewards.tolist()))
-            while len(population) > args.population_size:
-                population.popleft()
-            run.log_update(b, {"population_best": max(r for _, r in population),
-                               "population_mean": float(np.mean([r for _, r in population]))})
-            run.save({"rng": rng.bit_generator.state,
-                      "population": [(t.tolist(), r) for t, r in population]})
-    return run
-
+from nos_gym.agents import run_cli
+from nos_gym.agents.evolution import Args, main  # noqa: F401  (Args: for readers and tools)
 
 if __name__ == "__main__":
     run_cli(main)

@@ -22,9 +22,10 @@ import math
 import os
 import platform
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -190,7 +191,7 @@ def fmt_pct(x: float | None) -> str:
 
 # ------------------------------------------------------------------ Table 1 bookkeeping
 @dataclass
-class Run:
+class CurveRun:
     """Accuracy curves of one (optimizer, learning rate) run, one entry per evaluation point.
 
     ``epochs[k]`` is the (possibly fractional) epoch of evaluation ``k``; ``val[k]`` and
@@ -215,7 +216,7 @@ class Run:
                 "diverged": self.diverged}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Run":
+    def from_dict(cls, d: Mapping[str, Any]) -> CurveRun:
         return cls(d["name"], float(d["lr"]), list(d["epochs"]), list(d["val"]), list(d["test"]), bool(d["diverged"]))
 
 
@@ -230,7 +231,7 @@ class Table1Metrics:
     best_epoch: float
 
 
-def table1_metrics(run: Run) -> Table1Metrics | None:
+def table1_metrics(run: CurveRun) -> Table1Metrics | None:
     """Final Val, Final Test, Best Val, Best Test (test at the first epoch of highest val); None if no points."""
     if not run.val:
         return None
@@ -238,7 +239,7 @@ def table1_metrics(run: Run) -> Table1Metrics | None:
     return Table1Metrics(run.val[-1], run.test[-1], run.val[k], run.test[k], run.epochs[k])
 
 
-def select_run(runs: Sequence[Run], select: str = "best") -> Run:
+def select_run(runs: Sequence[CurveRun], select: str = "best") -> CurveRun:
     """The run of the grid Table 1 reports: highest Best Val (``select="final"``: Final Val).
 
     Ties go to the other validation number, then to the smaller learning rate. Diverged
@@ -250,7 +251,7 @@ def select_run(runs: Sequence[Run], select: str = "best") -> Run:
         raise ValueError(f"select must be 'best' or 'final', got {select!r}")
     pool = [r for r in runs if not r.diverged and r.val] or [r for r in runs if r.val] or list(runs)
 
-    def key(r: Run):
+    def key(r: CurveRun):
         m = table1_metrics(r)
         if m is None:
             return (-1.0, -1.0, -r.lr)
@@ -260,9 +261,9 @@ def select_run(runs: Sequence[Run], select: str = "best") -> Run:
     return max(pool, key=key)
 
 
-def table1_rows(runs_by_name: Mapping[str, Sequence[Run]], select: str = "best",
+def table1_rows(runs_by_name: Mapping[str, Sequence[CurveRun]], select: str = "best",
                 paper: Mapping[str, tuple[float, ...]] | None = None
-                ) -> tuple[list[str], list[list[str]], dict[str, Run]]:
+                ) -> tuple[list[str], list[list[str]], dict[str, CurveRun]]:
     """Headers, rows and the chosen run per optimizer, in the mapping's order.
 
     Columns: optimizer, rule, chosen lr, Final Val, Final Test, Best Val, Best Test (%),
@@ -294,7 +295,7 @@ def table1_rows(runs_by_name: Mapping[str, Sequence[Run]], select: str = "best",
 
 
 # ------------------------------------------------------------------------------ output
-def baseline_panels(chosen: Mapping[str, Run], title: str, suptitle: str, metric: str = "test"):
+def baseline_panels(chosen: Mapping[str, CurveRun], title: str, suptitle: str, metric: str = "test"):
     """Figure 5 / Figure 7 of the paper: one panel per discovered optimizer (``FIGURE_OPTIMIZERS``),
     each with the four baselines' and its own ``metric`` accuracy per epoch at the chosen rates."""
     import matplotlib.pyplot as plt

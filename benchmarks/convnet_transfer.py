@@ -35,14 +35,32 @@ import json
 import multiprocessing as mp
 import os
 import sys
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
+from _common import (
+    FIGURE_BASELINES,
+    FIGURE_OPTIMIZERS,
+    CurveRun,
+    Stopwatch,
+    base_parser,
+    baseline_panels,
+    fmt_pct,
+    machine,
+    markdown_table,
+    pick_device,
+    prepare_out,
+    resolve_preset,
+    save_figure,
+    settings_lines,
+    table1_metrics,
+    table1_rows,
+    use_agg,
+    write_report,
+)
 
-from _common import (FIGURE_BASELINES, FIGURE_OPTIMIZERS, Run, Stopwatch, base_parser, baseline_panels, fmt_pct,
-                     machine, markdown_table, pick_device, prepare_out, resolve_preset, save_figure, settings_lines,
-                     table1_metrics, table1_rows, use_agg, write_report)
 from nos_gym.data import CIFAR10CorruptError, CIFAR10NotFoundError, Split, load_cifar10, normalize
 from nos_gym.optim import get_rule, table1
 from nos_gym.rules import BatchedRule, RuleState
@@ -168,8 +186,8 @@ def _chunk_job(cfg: dict[str, Any], pairs: Sequence[tuple[str, float]]) -> dict[
     return _chunk(cfg, pairs, torch.device("cpu"), "fp32")
 
 
-def run(cfg: dict[str, Any], device: torch.device, progress: bool = True) -> dict[str, list[Run]]:
-    """Every rule x rate of ``cfg``: ``{name: [Run per rate]}`` in ``cfg["rules"]`` order.
+def run(cfg: dict[str, Any], device: torch.device, progress: bool = True) -> dict[str, list[CurveRun]]:
+    """Every rule x rate of ``cfg``: ``{name: [CurveRun per rate]}`` in ``cfg["rules"]`` order.
 
     The rule x rate children are trained ``group_size`` at a time as one grouped network
     (on a GPU, all of them: one group; on a CPU a group of one is fastest per child, see
@@ -203,12 +221,12 @@ def run(cfg: dict[str, Any], device: torch.device, progress: bool = True) -> dic
         for c in chunks:
             curves.update(_chunk(cfg, c, device, precision, tick=lambda n, k: bar.update(n * k)))
         bar.close()
-    runs: dict[str, list[Run]] = {}
+    runs: dict[str, list[CurveRun]] = {}
     for name in names:
         runs[name] = []
         for lr in lrs:
             c = curves[(name, lr)]
-            r = Run(name, lr, diverged=c["diverged"])
+            r = CurveRun(name, lr, diverged=c["diverged"])
             for e, v, t in zip(c["epochs"], c["val"], c["test"]):
                 r.add(e, v, t)
             runs[name].append(r)
@@ -216,7 +234,7 @@ def run(cfg: dict[str, Any], device: torch.device, progress: bool = True) -> dic
 
 
 # ------------------------------------------------------------------------------ output
-def lr_table(runs: dict[str, list[Run]]) -> str:
+def lr_table(runs: dict[str, list[CurveRun]]) -> str:
     """Best Val (%) of every rule at every rate ("div": diverged)."""
     lrs = [r.lr for r in next(iter(runs.values()))]
     rows = []
@@ -229,7 +247,7 @@ def lr_table(runs: dict[str, list[Run]]) -> str:
     return markdown_table(["optimizer", *[f"{lr:g}" for lr in lrs]], rows)
 
 
-def figures(runs: dict[str, list[Run]], chosen: dict[str, Run], cfg: dict[str, Any]):
+def figures(runs: dict[str, list[CurveRun]], chosen: dict[str, CurveRun], cfg: dict[str, Any]):
     """(Figure-5-like two panels, all rules) as matplotlib figures: test accuracy per epoch at the chosen rates."""
     import matplotlib.pyplot as plt
 

@@ -20,7 +20,7 @@ import argparse
 import sys
 import time
 import traceback
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -30,6 +30,7 @@ from nos_gym.optim import NOSOptimizer
 from nos_gym.rules import BatchedRule
 from nos_gym.tasks.convnet import train_child
 from nos_gym.tasks.grouped import train_children
+
 
 def check_executors_agree(device: torch.device) -> str:
     programs = Masker(get_space("extended"), 2).sample_many(48, seed=5, distinct=True, deterministic=True)

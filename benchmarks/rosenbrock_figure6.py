@@ -32,16 +32,37 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+from _common import (
+    TORCH_BASELINES,
+    Stopwatch,
+    base_parser,
+    fmt_loss,
+    machine,
+    markdown_table,
+    prepare_out,
+    resolve_preset,
+    save_figure,
+    settings_lines,
+    use_agg,
+    write_report,
+)
 
-from _common import (TORCH_BASELINES, Stopwatch, base_parser, fmt_loss, machine, markdown_table, prepare_out,
-                     resolve_preset, save_figure, settings_lines, use_agg, write_report)
 from nos_gym.optim import PowerSign, get_rule, table1
-from nos_gym.tasks.rosenbrock import (ITERATIONS, LEARNING_RATES, START, X_RANGE, Y_RANGE, RosenbrockTask,
-                                      rosenbrock, rosenbrock_grad)
+from nos_gym.tasks.rosenbrock import (
+    ITERATIONS,
+    LEARNING_RATES,
+    START,
+    X_RANGE,
+    Y_RANGE,
+    RosenbrockTask,
+    rosenbrock,
+    rosenbrock_grad,
+)
 
 ADAM_EPS = (1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8)
 PRESETS: dict[str, dict[str, Any]] = {

@@ -52,7 +52,7 @@ def optimizer_steps(n_params: int, repeats: int, device: str) -> list[tuple[str,
     ]:
         opt = make(list(model.parameters()))
 
-        def step():
+        def step(opt=opt):
             opt.step()
             if device == "cuda":
                 torch.cuda.synchronize()

@@ -38,17 +38,35 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _common import (
+    FIGURE_BASELINES,
+    FIGURE_OPTIMIZERS,
+    PAPER_TABLE1,
+    TORCH_BASELINES,
+    CurveRun,
+    Stopwatch,
+    base_parser,
+    baseline_panels,
+    machine,
+    markdown_table,
+    pick_device,
+    prepare_out,
+    resolve_preset,
+    save_figure,
+    settings_lines,
+    table1_rows,
+    use_agg,
+    write_report,
+)
 from torch import nn
 
-from _common import (FIGURE_BASELINES, FIGURE_OPTIMIZERS, PAPER_TABLE1, TORCH_BASELINES, Run, Stopwatch,
-                     base_parser, baseline_panels, machine, markdown_table, pick_device, prepare_out,
-                     resolve_preset, save_figure, settings_lines, table1_rows, use_agg, write_report)
-from nos_gym.data import CIFAR10CorruptError, CIFAR10NotFoundError, MEAN, STD, Split, load_cifar10, normalize
+from nos_gym.data import MEAN, STD, CIFAR10CorruptError, CIFAR10NotFoundError, Split, load_cifar10, normalize
 from nos_gym.optim import NOSOptimizer, table1
 from nos_gym.tasks.convnet import PAPER_LRS
 
@@ -199,20 +217,20 @@ class Stopped(Exception):
 
 
 def train_run(name: str, lr: float, cfg: dict[str, Any], data: tuple[Split, Split, Split], device: torch.device,
-              folder: Path, budget: list[int | None], bar=None) -> Run:
+              folder: Path, budget: list[int | None], bar=None) -> CurveRun:
     """Train one (optimizer, rate) for ``cfg["epochs"]``, resuming from ``checkpoint.pt`` when it is this run's."""
     train, val, test = data
     torch.manual_seed(cfg["seed"])  # the same initial weights for every run
     model = WideResNet(cfg["depth"], cfg["width"], dropout=cfg["dropout"]).to(device, memory_format=torch.channels_last)
     opt = make_optimizer(name, model.parameters(), lr, cfg["seed"])
-    run, start = Run(name, lr), 0
+    run, start = CurveRun(name, lr), 0
     ckpt_path = folder / "checkpoint.pt"
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         if ckpt["name"] == name and ckpt["lr"] == lr:
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
-            run, start = Run.from_dict(ckpt["run"]), ckpt["epoch"]
+            run, start = CurveRun.from_dict(ckpt["run"]), ckpt["epoch"]
             if bar is not None:
                 bar.update(start)
     dataset = Augmented(train)
@@ -288,7 +306,7 @@ def run_key(name: str, lr: float) -> str:
 
 
 def run_all(cfg: dict[str, Any], device: torch.device, folder: Path, resume: bool, stop_after: int | None,
-            progress: bool = True) -> tuple[dict[str, list[Run]], bool]:
+            progress: bool = True) -> tuple[dict[str, list[CurveRun]], bool]:
     """Every (rule, rate) in turn; ``({name: [finished Runs]}, finished everything)``."""
     from tqdm.auto import tqdm
 
@@ -311,11 +329,11 @@ def run_all(cfg: dict[str, Any], device: torch.device, folder: Path, resume: boo
         complete = False
         save_state(folder, state)
     bar.close()
-    runs: dict[str, list[Run]] = {}
+    runs: dict[str, list[CurveRun]] = {}
     for name, lr in pairs:
         d = state["runs"].get(run_key(name, lr))
         if d is not None:
-            runs.setdefault(name, []).append(Run.from_dict(d))
+            runs.setdefault(name, []).append(CurveRun.from_dict(d))
     return runs, complete
 
 

@@ -66,7 +66,7 @@ class Split(NamedTuple):
     def __len__(self) -> int:  # the number of examples, not the tuple's length
         return int(self.labels.shape[0])
 
-    def take(self, n: int) -> "Split":
+    def take(self, n: int) -> Split:
         """The first ``n`` examples (the whole split if ``n`` is None or larger)."""
         return self if n is None or n >= len(self) else Split(self.images[:n], self.labels[:n])
 

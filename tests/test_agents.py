@@ -13,7 +13,6 @@ from nos_gym.agents.policy import masked_categorical_stats
 from nos_gym.dsl import Constraints, Masker, Program, get_space, parse
 from nos_gym.store import Store
 
-
 # a cheap reward: Rosenbrock with 200 instead of 4,000 iterations
 FAST = ["--task", "rosenbrock", "--task-options", "{iterations: 200}", "--no-progress"]
 

@@ -20,6 +20,7 @@ import _common  # noqa: E402
 import convnet_transfer  # noqa: E402
 import rosenbrock_figure6  # noqa: E402
 import wrn_transfer  # noqa: E402
+
 from nos_gym.data import load_cifar10  # noqa: E402
 from nos_gym.dsl import parse  # noqa: E402
 from nos_gym.optim import table1  # noqa: E402
@@ -45,7 +46,7 @@ def assert_png(path: Path, min_side: int = 200) -> None:
 
 # ------------------------------------------------------------------- Table 1 bookkeeping
 def test_table1_metrics_follow_the_papers_definitions():
-    run = _common.Run("x", 0.1)
+    run = _common.CurveRun("x", 0.1)
     for epoch, val, test in [(1, 0.50, 0.40), (2, 0.70, 0.61), (3, 0.70, 0.66), (4, 0.65, 0.64)]:
         run.add(epoch, val, test)
     m = _common.table1_metrics(run)
@@ -56,7 +57,7 @@ def test_table1_metrics_follow_the_papers_definitions():
 
 def test_select_run_picks_best_val_and_skips_diverged_runs():
     def run(lr, vals, diverged=False):
-        r = _common.Run("x", lr, diverged=diverged)
+        r = _common.CurveRun("x", lr, diverged=diverged)
         for k, v in enumerate(vals):
             r.add(k + 1, v, v - 0.01)
         return r
@@ -117,7 +118,7 @@ def test_convnet_smoke_end_to_end(tmp_path):
     out = convnet_transfer.main(["--preset", "smoke", "--out", str(tmp_path), "--no-progress"])
     cfg, runs = out["config"], out["runs"]
     assert list(runs) == convnet_transfer.FIGURE5_RULES
-    for name, rs in runs.items():
+    for rs in runs.values():
         assert [r.lr for r in rs] == cfg["lrs"]
         for r in rs:
             if not r.diverged:  # 1 epoch, 2 evaluations: at half an epoch and at the end

@@ -194,13 +194,13 @@ def test_space_size_matches_brute_force_count():
         masker = Masker(space, 2, constraints)
         count = 0
 
-        def walk(prefix):
+        def walk(prefix, masker=masker):
             nonlocal count
             if len(prefix) == masker.length:
                 count += 1
                 return
             for t in np.flatnonzero(masker.mask(prefix)):
-                walk(prefix + [int(t)])
+                walk(prefix + [int(t)], masker)
 
         walk([])
         assert count == space.size(2, constraints)

@@ -14,8 +14,7 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import nos_gym
 from nos_gym.dsl import Constraints, Masker, get_space, parse
-from nos_gym.envs import InvalidActionError, OptimizerSearchEnv, OptimizerSearchVectorEnv
-from nos_gym.envs import SB3VecEnv
+from nos_gym.envs import InvalidActionError, OptimizerSearchEnv, OptimizerSearchVectorEnv, SB3VecEnv
 from nos_gym.evaluation import Evaluator
 from nos_gym.rules import BatchedRule
 from nos_gym.tasks import Result, Task
@@ -280,7 +279,7 @@ def test_sb3_adapter_resets_in_the_same_step_and_exposes_masks():
     venv = SB3VecEnv(num_envs=4, depth=1, space="small", evaluator=evaluator)
     obs = venv.reset()
     assert obs.shape == (4, 6) and venv.has_attr("action_masks")
-    for step in range(5):
+    for _step in range(5):
         masks = np.stack(venv.env_method("action_masks"))
         assert masks.shape == (4, 33) and masks.dtype == bool
         obs, rewards, dones, infos = venv.step(masks.argmax(1))

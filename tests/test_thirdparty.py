@@ -183,7 +183,7 @@ def test_each_vector_env_line_runs_masked_episodes(name):
         rng = np.random.default_rng(0)
         obs, info = envs.reset(seed=0)
         assert obs.shape == (4, 11) and info["action_mask"].shape == (4, 34)
-        for episode in range(2):
+        for _episode in range(2):
             for step in range(10):
                 mask = info["action_mask"].astype(bool)
                 obs, rewards, terminated, truncated, info = envs.step((rng.random(mask.shape) * mask).argmax(1))

@@ -1,8 +1,9 @@
-"""What the agent scripts in ``agents/`` share: settings, the LSTM controller, rollouts, runs.
+"""The agents and what they share: settings, the LSTM controller, rollouts, runs.
 
-The agents themselves are single readable files in the repository's ``agents/`` folder
-(CleanRL's manner), each runnable as ``python agents/NAME.py`` and by
-``nos-gym search --agent NAME``:
+Each agent is one readable module of this package (CleanRL's manner: a dataclass of
+arguments with the paper's defaults, the network, the loop), runnable as
+``nos-gym search --agent NAME`` from an installed package and as
+``python agents/NAME.py`` from a clone (thin scripts in the repository's ``agents/``):
 
 - ``trpo_lstm``: the paper's controller (LSTM, TRPO, EMA baseline, entropy penalty);
 - ``reinforce_lstm``: the same LSTM trained with REINFORCE (Zoph and Le 2017);
@@ -10,27 +11,24 @@ The agents themselves are single readable files in the repository's ``agents/`` 
 - ``evolution``: regularized (aging) evolution with mask-respecting mutations;
 - ``maskable_ppo``: sb3-contrib's MaskablePPO on the env (the plug-in example).
 
-Each script defines ``Args`` (a ``RunArgs`` dataclass) and ``main(argv) -> Run``.
-``load_agent(name_or_path)`` imports one as a module.
+Each defines ``Args`` (a ``RunArgs`` dataclass) and ``main(argv) -> Run``.
+``load_agent(name_or_path)`` imports one (or your own script) as a module.
 """
 
 from __future__ import annotations
 
 import errno
+import importlib
 import importlib.util
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Callable
 
-from nos_gym.agents.config import ConfigError, RunArgs, args_from_dict, load_yaml, parse_args
+from nos_gym.agents.config import AGENTS, ConfigError, RunArgs, args_from_dict, load_yaml, parse_args
 from nos_gym.agents.policy import LSTMController, masked_categorical_stats, masked_kl
 from nos_gym.agents.rollout import Batch, play, rollout, uniform_actions
 from nos_gym.agents.runs import Run, RunError, format_top, read_log, top_rules
-
-#: the built-in agents, in the order tables list them
-AGENTS: tuple[str, ...] = ("trpo_lstm", "reinforce_lstm", "random_search", "evolution", "maskable_ppo")
-
 
 #: errors of the machine, not of the program: a full disk, a read-only or forbidden place
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
@@ -59,13 +57,8 @@ def run_cli(main: Callable[[], object]) -> None:
         raise SystemExit(2) from None
 
 
-def agents_dir() -> Path:
-    """The repository's ``agents/`` folder (next to the installed ``nos_gym`` package)."""
-    return Path(__file__).resolve().parents[2] / "agents"
-
-
-def agent_script(agent: str) -> Path:
-    """The file of a built-in agent by name, or ``agent`` itself if it is a path to a script."""
+def agent_script(agent: str) -> Path | None:
+    """The file of your own agent script (``agent`` ending in .py); None for a built-in name."""
     if agent.endswith(".py"):
         path = Path(agent)
         if not path.is_file():
@@ -74,16 +67,15 @@ def agent_script(agent: str) -> Path:
     if agent not in AGENTS:
         raise ConfigError(f"config key 'agent': unknown agent {agent!r}; allowed values: {list(AGENTS)} "
                           f"(or a path to an agent script ending in .py)")
-    path = agents_dir() / f"{agent}.py"
-    if not path.is_file():
-        raise ConfigError(f"agent {agent!r}: {path} not found. The agent scripts live in the repository's "
-                          f"agents/ folder; install from a checkout with `pip install -e .`")
-    return path
+    return None
 
 
 def load_agent(agent: str) -> ModuleType:
-    """Import an agent script (built-in name or path) as a module with ``Args`` and ``main``."""
+    """A built-in agent's module (``nos_gym.agents.NAME``), or your script imported as a module;
+    either way it has ``Args`` and ``main``."""
     path = agent_script(agent)
+    if path is None:
+        return importlib.import_module(f"nos_gym.agents.{agent}")
     name = f"nos_gym_agent_{path.stem}"
     if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(path):
         return sys.modules[name]
@@ -103,7 +95,7 @@ def load_agent(agent: str) -> ModuleType:
 
 
 __all__ = [
-    "AGENTS", "Batch", "ConfigError", "LSTMController", "Run", "RunArgs", "RunError", "agent_script", "agents_dir",
+    "AGENTS", "Batch", "ConfigError", "LSTMController", "Run", "RunArgs", "RunError", "agent_script",
     "args_from_dict", "format_top", "load_agent", "load_yaml", "masked_categorical_stats", "masked_kl",
     "parse_args", "play", "read_log", "rollout", "run_cli", "top_rules", "uniform_actions",
 ]

@@ -27,9 +27,10 @@ import math
 import sys
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 
@@ -37,6 +38,10 @@ __all__ = [
     "ConfigError", "MAX_DEPTH", "MAX_SEED", "RESUME_OVERRIDABLE", "ResumeDir", "RunArgs", "args_to_dict",
     "check_agent", "check_types", "load_yaml", "parse_args", "args_from_dict",
 ]
+
+
+#: the built-in agents (modules ``nos_gym.agents.NAME``), in the order tables list them
+AGENTS: tuple[str, ...] = ("trpo_lstm", "reinforce_lstm", "random_search", "evolution", "maskable_ppo")
 
 
 class ConfigError(ValueError):
@@ -347,8 +352,6 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def check_agent(data: dict[str, Any], agent: str, where: str) -> None:
     """A config file naming another agent is a mistake: say so."""
-    from nos_gym.agents import AGENTS
-
     named = data.get("agent")
     if named is None:
         return

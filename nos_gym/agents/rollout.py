@@ -8,8 +8,9 @@ their rewards and terminal infos (tokens, paper notation, canonical key, metrics
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 

@@ -30,53 +30,14 @@ from __future__ import annotations
 import math
 import re
 
-from nos_gym.dsl.program import Program, Tree
+from nos_gym.dsl.program import Program
+from nos_gym.dsl.tree import Tree, format_tree  # noqa: F401  (format_tree: re-exported)
 from nos_gym.dsl.vocabulary import (
-    BASE_OPERANDS,
     CLIP_LEVELS,
     DROP_RATES,
-    UNARY,
     WEIGHT_SCALES,
     result_operand,
 )
-
-# ------------------------------------------------------------------------------ format
-_PREC = {"add": 1, "sub": 1, "mul": 2, "div": 2}
-_ATOM = 4
-
-
-def _prec(node: Tree) -> int:
-    if node[0] == "b":
-        return _PREC[node[1]]
-    if node[0] == "u" and node[1] == "neg":
-        return 3
-    if node[0] == "op" and node[1] in WEIGHT_SCALES:
-        return 2  # "1e-3 * w" reads as a product
-    return _ATOM
-
-
-def format_tree(node: Tree) -> str:
-    """Infix paper notation with the fewest parentheses that keep the meaning."""
-    kind = node[0]
-    if kind == "op":
-        return BASE_OPERANDS[node[1]]
-    if kind == "u":
-        child = node[2]
-        if node[1] == "neg":
-            inner = format_tree(child)
-            return f"-{inner}" if _prec(child) >= 3 else f"-({inner})"
-        return UNARY[node[1]].format(format_tree(child))
-    name, left, right = node[1], node[2], node[3]
-    p = _PREC[name]
-    ls = format_tree(left)
-    rs = format_tree(right)
-    if _prec(left) < p:
-        ls = f"({ls})"
-    # the parser is left-associative, so a right operand of equal or looser precedence
-    # keeps its brackets: parse(format(p)) gives back p's exact tokens
-    if _prec(right) <= p:
-        rs = f"({rs})"
-    return f"{ls} {'+-*/'['add sub mul div'.split().index(name)]} {rs}"
 
 
 # ------------------------------------------------------------------------------- parse

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from nos_gym.dsl.canonical import canonicalize, tree_key
-from nos_gym.dsl.tree import Tree, leaves, names, simplify
+from nos_gym.dsl.tree import Tree, format_tree, leaves, names, simplify
 from nos_gym.dsl.vocabulary import (
     BASE_OPERANDS,
     BINARY,
@@ -110,8 +110,6 @@ class Program:
     # -- notation ------------------------------------------------------------------------
     def format(self) -> str:
         """The rule in the paper's notation, e.g. ``g * exp(sign(g) * sign(m))``."""
-        from nos_gym.dsl.notation import format_tree  # notation.py imports this module
-
         return format_tree(simplify(self.tree))
 
     def __str__(self) -> str:
@@ -132,13 +130,7 @@ class Program:
         return [vocab.index(t) for t in self.tokens]
 
     @classmethod
-    def from_ids(cls, ids, vocab: Vocabulary) -> "Program":
+    def from_ids(cls, ids, vocab: Vocabulary) -> Program:
         tokens = vocab.tokens
         return cls(tuple(tokens[int(i)] for i in ids))
-
-    @classmethod
-    def from_string(cls, text: str) -> "Program":
-        from nos_gym.dsl.notation import parse  # notation.py imports this module
-
-        return parse(text)
 

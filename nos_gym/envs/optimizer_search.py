@@ -6,7 +6,8 @@ The environment of Neural Optimizer Search (Bello et al. 2017, sections 3.1 and 
 from __future__ import annotations
 
 import copy
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import gymnasium as gym
 import numpy as np

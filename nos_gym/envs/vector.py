@@ -27,7 +27,8 @@ final observation in ``infos[i]["terminal_observation"]``: ``SB3VecEnv`` does th
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from gymnasium import spaces
@@ -53,6 +54,7 @@ from nos_gym.envs.optimizer_search import (
     terminal_info,
 )
 from nos_gym.tasks.base import Task
+
 
 class OptimizerSearchVectorEnv(VectorEnv):
     """N ``OptimizerSearchEnv`` sub-environments in lockstep, their programs scored as one batch.

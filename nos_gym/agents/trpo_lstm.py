@@ -1,0 +1,235 @@
+"""TRPO-LSTM: the controller of Neural Optimizer Search (Bello, Zoph, Vasudevan, Le, ICML 2017).
+
+An LSTM writes update rules token by token in the paper's language (section 3.1); each
+batch of rules is scored together by the ``OptimizerSearch-v0`` vector env; the
+controller is trained to maximise the expected score with Trust Region Policy
+Optimization (section 3.2):
+
+- the network (section 4.2): a single-layer LSTM with hidden state 150, weights uniform in
+  [-0.08, 0.08], a separate softmax for each position (the operand bank grows), and the
+  env's masks applied to the logits as -inf (section 4.1);
+- the objective: J = E[R] plus an entropy bonus (the paper's "entropy penalty", 0.0015);
+- the baseline: an exponential moving average of rewards (section 3.2);
+- the update: TRPO -- the natural-gradient direction by conjugate gradient on the
+  Fisher (the Hessian of the KL), scaled to the trust region ``max_kl``, then a
+  backtracking line search that accepts the first step that improves the surrogate and
+  keeps the KL within ``max_kl``.
+
+Run it::
+
+    python agents/trpo_lstm.py                       # Rosenbrock fast reward, ~1 minute on one CPU core
+    python agents/trpo_lstm.py --total-rules 20000 --space small --depth 1
+    python agents/trpo_lstm.py --config configs/paper.yaml   # the paper's settings (CIFAR-10 child)
+    python agents/trpo_lstm.py --resume runs/trpo_lstm-rosenbrock-s1-...
+
+It writes a run directory (config, log of every rule, checkpoints, top rules) and
+records every scored rule in the result store; Ctrl-C saves and stops. See
+``nos_gym/agents/runs.py``. Batch size vs the paper: ``configs/paper.yaml`` explains.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+from nos_gym.agents import (
+    LSTMController,
+    Run,
+    RunArgs,
+    masked_categorical_stats,
+    masked_kl,
+    parse_args,
+    rollout,
+    run_cli,
+)
+from nos_gym.agents.config import check_range
+
+
+# ------------------------------------------------------------------------------ arguments
+@dataclass
+class Args(RunArgs):
+    """TRPO-LSTM settings. Shared ones (task, space, depth, constraints, budget, seed, paths)
+    are in ``nos_gym.agents.config.RunArgs``; ``--help`` lists them all."""
+
+    total_rules: int = 3000
+    """budget: rules sampled in the whole run (~1 minute on one CPU core for Rosenbrock)"""
+    num_envs: int = 100
+    """rules per TRPO update, scored together as one batch (the paper: 5; the batched
+    Rosenbrock task scores 100 rules in about the time of 10, so more rules per update are cheap)"""
+    hidden_size: int = 150
+    """LSTM hidden state size (section 4.2)"""
+    init_scale: float = 0.08
+    """weights start uniform in [-init_scale, init_scale] (section 4.2)"""
+    entropy_coef: float = 0.0015
+    """weight of the entropy bonus in the objective (section 4.2's entropy penalty)"""
+    baseline_decay: float = 0.9
+    """EMA baseline: b <- decay * b + (1 - decay) * mean batch reward"""
+    max_kl: float = 0.02
+    """trust region: mean KL(old || new) of a rule's token distributions, summed over its positions"""
+    cg_iters: int = 10
+    """conjugate-gradient iterations for the natural-gradient direction"""
+    cg_damping: float = 0.1
+    """added to the Fisher-vector product (F + damping I) for a stable solve"""
+    line_search_steps: int = 10
+    """backtracking: try step fractions 1, shrink, shrink^2, ..."""
+    line_search_shrink: float = 0.5
+    accept_ratio: float = 0.1
+    """accept a step whose surrogate gain is at least this fraction of the linear prediction"""
+    normalize_advantages: bool = False
+    """divide advantages by their batch std (off: the paper's plain R - baseline)"""
+
+    def validate(self) -> None:
+        super().validate()
+        check_range(self, "hidden_size", 1)
+        check_range(self, "init_scale", 0.0, low_open=True)
+        check_range(self, "entropy_coef", 0.0)
+        check_range(self, "baseline_decay", 0.0, 1.0)
+        check_range(self, "max_kl", 0.0, low_open=True)
+        check_range(self, "cg_iters", 1)
+        check_range(self, "cg_damping", 0.0)
+        check_range(self, "line_search_steps", 1)
+        check_range(self, "line_search_shrink", 0.0, 1.0, low_open=True)
+        check_range(self, "accept_ratio", 0.0)
+
+
+# ----------------------------------------------------------------------------------- TRPO
+def surrogate(logits: Tensor, tokens: Tensor, masks: Tensor, logp_old: Tensor, advantages: Tensor,
+              entropy_coef: float) -> Tensor:
+    """L(theta) = mean[ p_theta(rule) / p_old(rule) * A ] + entropy_coef * mean[ H_theta ].
+
+    A rule is one action of the paper's policy: its log-probability and entropy are
+    sums over its positions.
+    """
+    logp_tok, ent_tok = masked_categorical_stats(logits, masks, tokens)
+    ratio = torch.exp(logp_tok.sum(-1) - logp_old)
+    return (ratio * advantages).mean() + entropy_coef * ent_tok.sum(-1).mean()
+
+
+def conjugate_gradient(Avp: Callable[[Tensor], Tensor], b: Tensor, iters: int, tol: float = 1e-10) -> Tensor:
+    """Solve A x = b for symmetric positive-definite A given only products A v."""
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = b.clone()
+    rr = r @ r
+    for _ in range(iters):
+        Ap = Avp(p)
+        alpha = rr / (p @ Ap)
+        x += alpha * p
+        r -= alpha * Ap
+        rr_new = r @ r
+        if rr_new < tol:
+            break
+        p = r + (rr_new / rr) * p
+        rr = rr_new
+    return x
+
+
+def trpo_step(policy: LSTMController, tokens: Tensor, masks: Tensor, advantages: Tensor, args: Args) -> dict:
+    """One TRPO update of ``policy`` on a batch of rules; returns what happened.
+
+    Keys: ``accepted`` (bool), ``kl`` (of the accepted step, else 0), ``surrogate_before``,
+    ``surrogate_after``, ``expected`` (the linear prediction of the full step's gain),
+    ``step_fraction`` (of the full step taken) and ``entropy`` (mean per rule, before).
+    """
+    params = [p for p in policy.parameters()]
+    with torch.no_grad():
+        old_logits = policy(tokens, masks)
+        logp_old = masked_categorical_stats(old_logits, masks, tokens)[0].sum(-1)
+
+    def objective(logits: Tensor) -> Tensor:
+        return surrogate(logits, tokens, masks, logp_old, advantages, args.entropy_coef)
+
+    logits = policy(tokens, masks)
+    loss_before = objective(logits)
+    entropy = masked_categorical_stats(logits, masks, tokens)[1].sum(-1).mean().item()
+    g = parameters_to_vector(torch.autograd.grad(loss_before, params, retain_graph=True))
+    stats = {"accepted": False, "kl": 0.0, "surrogate_before": loss_before.item(),
+             "surrogate_after": loss_before.item(), "expected": 0.0, "step_fraction": 0.0, "entropy": entropy}
+    if not torch.isfinite(g).all() or g.abs().max() == 0:
+        return stats
+
+    # Fisher-vector products: the Hessian of the mean KL at theta_old, times v
+    kl = masked_kl(old_logits, logits, masks).mean()
+    grad_kl = parameters_to_vector(torch.autograd.grad(kl, params, create_graph=True))
+
+    def fisher_vector(v: Tensor) -> Tensor:
+        hv = torch.autograd.grad(grad_kl @ v, params, retain_graph=True)
+        return parameters_to_vector(hv) + args.cg_damping * v
+
+    direction = conjugate_gradient(fisher_vector, g, args.cg_iters)      # ~ F^-1 g
+    quad = 0.5 * (direction @ fisher_vector(direction))                  # 1/2 x^T F x
+    if not torch.isfinite(quad) or quad <= 0:
+        return stats
+    full_step = direction * torch.sqrt(args.max_kl / quad)              # 1/2 s^T F s = max_kl
+    expected = (g @ full_step).item()
+    stats["expected"] = expected
+
+    old_params = parameters_to_vector(params).detach().clone()
+    frac = 1.0
+    with torch.no_grad():
+        for _ in range(args.line_search_steps):
+            vector_to_parameters(old_params + frac * full_step, params)
+            new_logits = policy(tokens, masks)
+            new_loss = objective(new_logits).item()
+            new_kl = masked_kl(old_logits, new_logits, masks).mean().item()
+            gain = new_loss - stats["surrogate_before"]
+            if (math.isfinite(new_loss) and new_kl <= args.max_kl and gain > 0
+                    and gain >= args.accept_ratio * expected * frac):
+                stats.update(accepted=True, kl=new_kl, surrogate_after=new_loss, step_fraction=frac)
+                return stats
+            frac *= args.line_search_shrink
+        vector_to_parameters(old_params, params)                          # no step passed: keep theta_old
+    return stats
+
+
+# ----------------------------------------------------------------------------------- loop
+def main(argv: Sequence[str] | None = None) -> Run:
+    args, resume = parse_args(Args, argv, agent="trpo_lstm", description=__doc__)
+    with Run.open(args, "trpo_lstm", resume) as run:
+        envs = run.make_envs()          # num_envs lockstep sub-envs; their rules are scored as one batch
+        policy = LSTMController(envs.single_action_space.n, envs.length, args.hidden_size, args.init_scale)
+        generator = torch.Generator().manual_seed(args.seed)
+        baseline: float | None = None
+        if run.checkpoint is not None:  # --resume: continue where the last batch left off
+            state = run.checkpoint["state"]
+            policy.load_state_dict(state["policy"])
+            generator.set_state(state["generator"])
+            baseline = state["baseline"]
+
+        for b in run.batches():
+            # 1. sample one rule per sub-env, token by token, with the env's masks
+            h = policy.initial_state(args.num_envs)
+
+            def act(t: int, masks: np.ndarray) -> np.ndarray:
+                nonlocal h
+                actions, h = policy.step(h, t, torch.from_numpy(masks), generator)
+                return actions.numpy()
+
+            batch = rollout(envs, act)  # ... and the env scores the batch together
+            run.record(b, batch.infos, batch.rewards)
+
+            # 2. advantages against the exponential moving average of rewards
+            rewards = torch.as_tensor(batch.rewards, dtype=torch.float32)
+            if baseline is None:
+                baseline = rewards.mean().item()
+            advantages = rewards - baseline
+            if args.normalize_advantages:
+                advantages = advantages / (advantages.std() + 1e-8)
+            baseline = args.baseline_decay * baseline + (1 - args.baseline_decay) * rewards.mean().item()
+
+            # 3. the TRPO update
+            stats = trpo_step(policy, torch.from_numpy(batch.tokens), torch.from_numpy(batch.masks),
+                              advantages, args)
+            run.log_update(b, {**stats, "baseline": baseline, "reward_mean": rewards.mean().item()})
+            run.save({"policy": policy.state_dict(), "generator": generator.get_state(), "baseline": baseline})
+    return run
+
+
+if __name__ == "__main__":
+    run_cli(main)
