@@ -209,3 +209,53 @@ def test_each_agent_runs_end_to_end(agent, tmp_path):
     assert top[0]["reward"] == max(r["reward"] for r in records)
     assert len({t["key"] for t in top}) == len(top) == min(10, len({r["key"] for r in records}))
     assert run.samples == 32
+
+
+# ---------------------------------------------------------------- baselines (issue 13)
+def test_ema_baseline_is_the_papers():
+    from nos_gym.agents.advantage import Advantages
+
+    base = Advantages("ema", decay=0.9)
+    first = base.compute(torch.tensor([0.2, 0.4, 0.6]))
+    assert first.keep.all() and first.baseline == pytest.approx(0.4)  # starts at the first batch's mean
+    assert torch.allclose(first.advantages, torch.tensor([-0.2, 0.0, 0.2]))
+    second = base.compute(torch.tensor([1.0, 1.0, 1.0]))
+    assert second.baseline == pytest.approx(0.4) and base.ema == pytest.approx(0.9 * 0.4 + 0.1 * 1.0)
+    restored = Advantages("ema")
+    restored.load_state_dict(base.state_dict())
+    assert restored.ema == base.ema
+    restored.load_state_dict(0.25)  # a bare EMA value: checkpoints written before the baseline option
+    assert restored.ema == 0.25
+
+
+def test_risk_seeking_keeps_the_top_epsilon_against_its_quantile():
+    from nos_gym.agents.advantage import Advantages
+
+    rewards = torch.arange(100, dtype=torch.float32) / 100  # 0.00 .. 0.99
+    out = Advantages("risk_seeking", epsilon=0.05).compute(rewards)
+    assert out.keep.nonzero().flatten().tolist() == [95, 96, 97, 98, 99]
+    assert out.baseline == pytest.approx(0.95)
+    assert torch.allclose(out.advantages[out.keep], torch.tensor([0.0, 0.01, 0.02, 0.03, 0.04]), atol=1e-6)
+    assert (out.advantages[~out.keep] == 0).all()
+    # ties with the quantile are kept; a batch of equal rewards keeps everything at advantage 0
+    tied = Advantages("risk_seeking", epsilon=0.05).compute(torch.tensor([0.1] * 10 + [0.5] * 10))
+    assert tied.keep.sum() == 10 and tied.baseline == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="risk_epsilon"):
+        Advantages("risk_seeking", epsilon=0.0)
+
+
+@pytest.mark.parametrize("agent", ["trpo_lstm", "reinforce_lstm"])
+def test_risk_seeking_agents_learn_from_the_top_of_each_batch(agent, tmp_path):
+    module = load_agent(agent)
+    module.main(FAST[:4] + ["--no-progress", "--depth", "1", "--space", "small", "--num-envs", "20",
+                            "--total-rules", "60", "--seed", "3", "--run-dir", str(tmp_path / "run"),
+                            "--store", str(tmp_path / "store.sqlite"), "--baseline", "risk_seeking",
+                            "--risk-epsilon", "0.1"])
+    records = read_log(tmp_path / "run")
+    updates = [json.loads(line) for line in (tmp_path / "run" / "updates.jsonl").read_text().splitlines()]
+    assert len(records) == 60 and len(updates) == 3
+    for b, update in enumerate(updates):
+        rewards = sorted((r["reward"] for r in records if r["batch"] == b), reverse=True)
+        # the baseline is the batch's 0.9 quantile: a reward of the batch, with the top 2 (and ties) kept
+        assert update["baseline"] == pytest.approx(rewards[1], abs=1e-6)
+        assert update["kept"] == sum(r >= update["baseline"] - 1e-7 for r in rewards) >= 2

@@ -212,6 +212,39 @@ def check_range(args: Any, key: str, low: float | None = None, high: float | Non
         raise ConfigError(f"config key {key!r} must be in {'(' if low_open else '['}{lo}, {hi}], got {value!r}")
 
 
+@dataclass
+class ControllerArgs(RunArgs):
+    """Settings of the LSTM controller agents (``trpo_lstm``, ``reinforce_lstm``): the network
+    (section 4.2), the entropy bonus and the baseline (``nos_gym.agents.advantage``)."""
+
+    hidden_size: int = 150
+    """LSTM hidden state size (section 4.2)"""
+    init_scale: float = 0.08
+    """weights start uniform in [-init_scale, init_scale] (section 4.2)"""
+    entropy_coef: float = 0.0015
+    """weight of the entropy bonus in the objective (section 4.2's entropy penalty)"""
+    baseline: str = "ema"
+    """ema: the paper's R - EMA of rewards, every rule counts; risk_seeking: only the batch's top
+    risk_epsilon fraction counts, with the (1 - risk_epsilon) reward quantile as baseline (dso)"""
+    baseline_decay: float = 0.9
+    """EMA baseline: b <- decay * b + (1 - decay) * mean batch reward"""
+    risk_epsilon: float = 0.05
+    """risk_seeking: the fraction of each batch the update learns from (dso's default 0.05)"""
+
+    def validate(self) -> None:
+        super().validate()
+        from nos_gym.agents.advantage import BASELINES
+
+        check_range(self, "hidden_size", 1)
+        check_range(self, "init_scale", 0.0, low_open=True)
+        check_range(self, "entropy_coef", 0.0)
+        if self.baseline not in BASELINES:
+            raise ConfigError(f"config key 'baseline': unknown baseline {self.baseline!r}; allowed values: "
+                              f"{list(BASELINES)}")
+        check_range(self, "baseline_decay", 0.0, 1.0)
+        check_range(self, "risk_epsilon", 0.0, 1.0, low_open=True)
+
+
 #: settings a resumed run may change (anything else would make it a different run)
 RESUME_OVERRIDABLE = frozenset({"total_rules", "progress", "torch_threads", "top_k", "eval_timeout", "ray_address"})
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from nos_gym.agents import Run, RunArgs, parse_args, play, rollout, run_cli, uniform_actions
 from nos_gym.agents.config import ConfigError, check_range
-from nos_gym.dsl import Constraints, Masker, get_space
+from nos_gym.dsl import Masker
 
 
 # ------------------------------------------------------------------------------ arguments
@@ -36,8 +36,6 @@ from nos_gym.dsl import Constraints, Masker, get_space
 class Args(RunArgs):
     """Evolution settings (shared ones in ``nos_gym.agents.config.RunArgs``)."""
 
-    total_rules: int = 3000
-    num_envs: int = 100
     population_size: int = 100
     """rules alive at once; the first ones are masked random samples"""
     tournament_size: int = 25
@@ -75,8 +73,7 @@ def main(argv: Sequence[str] | None = None) -> Run:
     args, resume = parse_args(Args, argv, agent="evolution", description=__doc__)
     with Run.open(args, "evolution", resume) as run:
         envs = run.make_envs()
-        masker = Masker(get_space(args.space), args.depth,
-                        Constraints(args.distinct_operands, args.no_final_addition, args.reuse_result))
+        masker = envs.mask_table.masker  # the env's own masks: mutations stay in its space and constraints
         rng = np.random.default_rng(args.seed)
         population: deque[tuple[np.ndarray, float]] = deque()  # (token ids, reward), oldest first
         if run.checkpoint is not None:

@@ -31,11 +31,9 @@ from nos_gym.agents.config import check_range
 # ------------------------------------------------------------------------------ arguments
 @dataclass
 class Args(RunArgs):
-    """MaskablePPO settings (shared ones in ``nos_gym.agents.config.RunArgs``)."""
+    """MaskablePPO settings (shared ones in ``nos_gym.agents.config.RunArgs``): each PPO rollout is
+    rollout_episodes rules per sub-env (num_envs lockstep sub-envs)."""
 
-    total_rules: int = 3000
-    num_envs: int = 100
-    """lockstep sub-envs; each PPO rollout is rollout_episodes rules per sub-env"""
     rollout_episodes: int = 1
     """episodes (rules) per sub-env per PPO rollout: n_steps = rollout_episodes * 5 * depth"""
     learning_rate: float = 3e-4
@@ -72,8 +70,9 @@ def main(argv: Sequence[str] | None = None) -> Run:
     args, resume = parse_args(Args, argv, agent="maskable_ppo", description=__doc__)
     # one PPO rollout (rollout_episodes batches) per checkpoint: a kill may leave that many batches logged past it
     with Run.open(args, "maskable_ppo", resume, batches_per_checkpoint=args.rollout_episodes) as run:
-        venv = SB3VecEnv(run.make_envs())  # the env as SB3 sees it: masks via action_masks()
-        length = 5 * args.depth
+        envs = run.make_envs()
+        venv = SB3VecEnv(envs)  # the env as SB3 sees it: masks via action_masks()
+        length = envs.length  # tokens per rule
 
         class RecordRules(BaseCallback):
             """Log every finished batch of rules; checkpoint after each PPO update; stop on Ctrl-C."""

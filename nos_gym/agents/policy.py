@@ -18,8 +18,10 @@ saved masks (``evaluate``) to get log-probabilities and entropies with gradients
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -86,6 +88,18 @@ class LSTMController(nn.Module):
             actions = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
         state.prev = actions
         return actions, state
+
+    def actor(self, n: int, generator: torch.Generator | None = None) -> Callable[[int, np.ndarray], np.ndarray]:
+        """An ``act(t, masks)`` for ``nos_gym.agents.rollout``: samples n rules through an env,
+        one token per call, each step with the env's masks."""
+        state = self.initial_state(n)
+
+        def act(t: int, masks: np.ndarray) -> np.ndarray:
+            nonlocal state
+            actions, state = self.step(state, t, torch.from_numpy(masks), generator)
+            return actions.numpy()
+
+        return act
 
     @torch.no_grad()
     def sample(self, masker, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:

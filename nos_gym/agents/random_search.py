@@ -29,8 +29,6 @@ from nos_gym.agents import Run, RunArgs, parse_args, rollout, run_cli, uniform_a
 class Args(RunArgs):
     """Random-search settings: only the shared ones (``nos_gym.agents.config.RunArgs``)."""
 
-    total_rules: int = 3000
-    num_envs: int = 100
 
 
 # ----------------------------------------------------------------------------------- loop

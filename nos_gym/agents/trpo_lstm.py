@@ -9,7 +9,8 @@ Optimization (section 3.2):
   [-0.08, 0.08], a separate softmax for each position (the operand bank grows), and the
   env's masks applied to the logits as -inf (section 4.1);
 - the objective: J = E[R] plus an entropy bonus (the paper's "entropy penalty", 0.0015);
-- the baseline: an exponential moving average of rewards (section 3.2);
+- the baseline: an exponential moving average of rewards (section 3.2), or, with
+  ``--baseline risk_seeking``, dso's risk-seeking gradient (``nos_gym/agents/advantage.py``);
 - the update: TRPO -- the natural-gradient direction by conjugate gradient on the
   Fisher (the Hessian of the KL), scaled to the trust region ``max_kl``, then a
   backtracking line search that accepts the first step that improves the surrogate and
@@ -33,7 +34,6 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
@@ -41,35 +41,25 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from nos_gym.agents import (
     LSTMController,
     Run,
-    RunArgs,
     masked_categorical_stats,
     masked_kl,
     parse_args,
     rollout,
     run_cli,
 )
-from nos_gym.agents.config import check_range
+from nos_gym.agents.advantage import Advantages
+from nos_gym.agents.config import ControllerArgs, check_range
 
 
 # ------------------------------------------------------------------------------ arguments
 @dataclass
-class Args(RunArgs):
-    """TRPO-LSTM settings. Shared ones (task, space, depth, constraints, budget, seed, paths)
-    are in ``nos_gym.agents.config.RunArgs``; ``--help`` lists them all."""
+class Args(ControllerArgs):
+    """TRPO-LSTM settings. Shared ones (task, space, depth, constraints, budget, seed, paths) are
+    in ``nos_gym.agents.config.RunArgs``, the controller's (network, entropy, baseline) in
+    ``ControllerArgs``; ``--help`` lists them all. The budget's defaults: 3,000 rules, 100 per
+    TRPO update (the paper: 5; the batched Rosenbrock task scores 100 rules in about the time
+    of 10, so more rules per update are cheap)."""
 
-    total_rules: int = 3000
-    """budget: rules sampled in the whole run (~1 minute on one CPU core for Rosenbrock)"""
-    num_envs: int = 100
-    """rules per TRPO update, scored together as one batch (the paper: 5; the batched
-    Rosenbrock task scores 100 rules in about the time of 10, so more rules per update are cheap)"""
-    hidden_size: int = 150
-    """LSTM hidden state size (section 4.2)"""
-    init_scale: float = 0.08
-    """weights start uniform in [-init_scale, init_scale] (section 4.2)"""
-    entropy_coef: float = 0.0015
-    """weight of the entropy bonus in the objective (section 4.2's entropy penalty)"""
-    baseline_decay: float = 0.9
-    """EMA baseline: b <- decay * b + (1 - decay) * mean batch reward"""
     max_kl: float = 0.02
     """trust region: mean KL(old || new) of a rule's token distributions, summed over its positions"""
     cg_iters: int = 10
@@ -86,10 +76,6 @@ class Args(RunArgs):
 
     def validate(self) -> None:
         super().validate()
-        check_range(self, "hidden_size", 1)
-        check_range(self, "init_scale", 0.0, low_open=True)
-        check_range(self, "entropy_coef", 0.0)
-        check_range(self, "baseline_decay", 0.0, 1.0)
         check_range(self, "max_kl", 0.0, low_open=True)
         check_range(self, "cg_iters", 1)
         check_range(self, "cg_damping", 0.0)
@@ -195,39 +181,35 @@ def main(argv: Sequence[str] | None = None) -> Run:
         envs = run.make_envs()          # num_envs lockstep sub-envs; their rules are scored as one batch
         policy = LSTMController(envs.single_action_space.n, envs.length, args.hidden_size, args.init_scale)
         generator = torch.Generator().manual_seed(args.seed)
-        baseline: float | None = None
+        baseline = Advantages(args.baseline, args.baseline_decay, args.risk_epsilon)
         if run.checkpoint is not None:  # --resume: continue where the last batch left off
             state = run.checkpoint["state"]
             policy.load_state_dict(state["policy"])
             generator.set_state(state["generator"])
-            baseline = state["baseline"]
+            baseline.load_state_dict(state["baseline"])
 
         for b in run.batches():
-            # 1. sample one rule per sub-env, token by token, with the env's masks
-            h = policy.initial_state(args.num_envs)
-
-            def act(t: int, masks: np.ndarray) -> np.ndarray:
-                nonlocal h
-                actions, h = policy.step(h, t, torch.from_numpy(masks), generator)
-                return actions.numpy()
-
-            batch = rollout(envs, act)  # ... and the env scores the batch together
+            # 1. sample one rule per sub-env, token by token, with the env's masks; the env
+            #    scores the batch together
+            batch = rollout(envs, policy.actor(args.num_envs, generator))
             run.record(b, batch.infos, batch.rewards)
 
-            # 2. advantages against the exponential moving average of rewards
+            # 2. advantages: against the EMA of rewards (the paper), or only the top epsilon of
+            #    the batch against its quantile (risk-seeking)
             rewards = torch.as_tensor(batch.rewards, dtype=torch.float32)
-            if baseline is None:
-                baseline = rewards.mean().item()
-            advantages = rewards - baseline
+            adv = baseline.compute(rewards)
+            keep = adv.keep
+            advantages = adv.advantages[keep]
             if args.normalize_advantages:
                 advantages = advantages / (advantages.std() + 1e-8)
-            baseline = args.baseline_decay * baseline + (1 - args.baseline_decay) * rewards.mean().item()
 
-            # 3. the TRPO update
-            stats = trpo_step(policy, torch.from_numpy(batch.tokens), torch.from_numpy(batch.masks),
+            # 3. the TRPO update, on the rules that count
+            stats = trpo_step(policy, torch.from_numpy(batch.tokens)[keep], torch.from_numpy(batch.masks)[keep],
                               advantages, args)
-            run.log_update(b, {**stats, "baseline": baseline, "reward_mean": rewards.mean().item()})
-            run.save({"policy": policy.state_dict(), "generator": generator.get_state(), "baseline": baseline})
+            run.log_update(b, {**stats, "baseline": adv.baseline, "kept": int(keep.sum()),
+                               "reward_mean": rewards.mean().item()})
+            run.save({"policy": policy.state_dict(), "generator": generator.get_state(),
+                      "baseline": baseline.state_dict()})
     return run
 
 
