@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -61,9 +62,9 @@ class Advantages:
         self.kind, self.decay, self.epsilon = kind, float(decay), float(epsilon)
         self.ema: float | None = None  # the EMA of batch mean rewards (kept in both modes, for the logs)
 
-    def compute(self, rewards: Tensor) -> AdvantageBatch:
+    def compute(self, rewards: Tensor | np.ndarray) -> AdvantageBatch:
         """Advantages of one batch of rewards (N,), and the EMA advanced past it."""
-        rewards = rewards.to(torch.float32)
+        rewards = torch.as_tensor(rewards, dtype=torch.float32)
         mean = rewards.mean().item()
         if self.ema is None:
             self.ema = mean

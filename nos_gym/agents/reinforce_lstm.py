@@ -49,12 +49,7 @@ def main(argv: Sequence[str] | None = None) -> Run:
         optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate)
         generator = torch.Generator().manual_seed(args.seed)
         baseline = Advantages(args.baseline, args.baseline_decay, args.risk_epsilon)
-        if run.checkpoint is not None:
-            state = run.checkpoint["state"]
-            policy.load_state_dict(state["policy"])
-            optimizer.load_state_dict(state["optimizer"])
-            generator.set_state(state["generator"])
-            baseline.load_state_dict(state["baseline"])
+        run.restore(policy=policy, optimizer=optimizer, generator=generator, baseline=baseline)
 
         for b in run.batches():
             # 1. sample a batch of rules through the env (scored together)
@@ -62,8 +57,7 @@ def main(argv: Sequence[str] | None = None) -> Run:
             run.record(b, batch.infos, batch.rewards)
 
             # 2. advantages: EMA baseline (every rule), or risk-seeking (the batch's top epsilon)
-            rewards = torch.as_tensor(batch.rewards, dtype=torch.float32)
-            adv = baseline.compute(rewards)
+            adv = baseline.compute(batch.rewards)
             keep = adv.keep
 
             # 3. the REINFORCE step, on the rules that count
@@ -75,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> Run:
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
             optimizer.step()
             run.log_update(b, {"loss": loss.item(), "entropy": entropy.mean().item(), "baseline": adv.baseline,
-                               "kept": int(keep.sum()), "reward_mean": rewards.mean().item()})
+                               "kept": int(keep.sum()), "reward_mean": float(batch.rewards.mean())})
             run.save({"policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
                       "generator": generator.get_state(), "baseline": baseline.state_dict()})
     return run

@@ -649,6 +649,18 @@ class Run:
         except OSError as e:
             raise self._io_error(e, "append to", path) from None
 
+    def restore(self, **objects: Any) -> bool:
+        """On ``--resume``, load each object's saved state from the checkpoint: ``name=obj`` for
+        an object saved as ``state[name]``, through its ``load_state_dict`` (a module, an
+        optimizer, a baseline) or ``set_state`` (a ``torch.Generator``). False (nothing loaded)
+        for a new run."""
+        if self.checkpoint is None:
+            return False
+        state = self.checkpoint["state"]
+        for name, obj in objects.items():
+            (obj.set_state if isinstance(obj, torch.Generator) else obj.load_state_dict)(state[name])
+        return True
+
     def save(self, state: dict[str, Any]) -> None:
         """Checkpoint the agent's ``state`` (plus the run's counters and global RNG states), atomically.
 

@@ -182,11 +182,7 @@ def main(argv: Sequence[str] | None = None) -> Run:
         policy = LSTMController(envs.single_action_space.n, envs.length, args.hidden_size, args.init_scale)
         generator = torch.Generator().manual_seed(args.seed)
         baseline = Advantages(args.baseline, args.baseline_decay, args.risk_epsilon)
-        if run.checkpoint is not None:  # --resume: continue where the last batch left off
-            state = run.checkpoint["state"]
-            policy.load_state_dict(state["policy"])
-            generator.set_state(state["generator"])
-            baseline.load_state_dict(state["baseline"])
+        run.restore(policy=policy, generator=generator, baseline=baseline)  # --resume: where it left off
 
         for b in run.batches():
             # 1. sample one rule per sub-env, token by token, with the env's masks; the env
@@ -196,8 +192,7 @@ def main(argv: Sequence[str] | None = None) -> Run:
 
             # 2. advantages: against the EMA of rewards (the paper), or only the top epsilon of
             #    the batch against its quantile (risk-seeking)
-            rewards = torch.as_tensor(batch.rewards, dtype=torch.float32)
-            adv = baseline.compute(rewards)
+            adv = baseline.compute(batch.rewards)
             keep = adv.keep
             advantages = adv.advantages[keep]
             if args.normalize_advantages:
@@ -207,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> Run:
             stats = trpo_step(policy, torch.from_numpy(batch.tokens)[keep], torch.from_numpy(batch.masks)[keep],
                               advantages, args)
             run.log_update(b, {**stats, "baseline": adv.baseline, "kept": int(keep.sum()),
-                               "reward_mean": rewards.mean().item()})
+                               "reward_mean": float(batch.rewards.mean())})
             run.save({"policy": policy.state_dict(), "generator": generator.get_state(),
                       "baseline": baseline.state_dict()})
     return run
