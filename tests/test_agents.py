@@ -259,3 +259,11 @@ def test_risk_seeking_agents_learn_from_the_top_of_each_batch(agent, tmp_path):
         # the baseline is the batch's 0.9 quantile: a reward of the batch, with the top 2 (and ties) kept
         assert update["baseline"] == pytest.approx(rewards[1], abs=1e-6)
         assert update["kept"] == sum(r >= update["baseline"] - 1e-7 for r in rewards) >= 2
+
+
+def test_distinct_in_batch_counts_each_rule_once():
+    from nos_gym.agents.advantage import Advantages, first_occurrences
+
+    assert first_occurrences(["a", "b", "a", "c", "b"]).tolist() == [True, True, False, True, False]
+    out = Advantages("risk_seeking", epsilon=0.5).compute(torch.tensor([0.9, 0.9, 0.9, 0.1]), ["a", "a", "b", "c"])
+    assert out.keep.tolist() == [True, False, True, False]  # the quantile's ties, each distinct rule once

@@ -21,6 +21,7 @@ rules that count; the agents restrict their batch to that mask, as dso does.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["BASELINES", "Advantages", "AdvantageBatch"]
+__all__ = ["BASELINES", "Advantages", "AdvantageBatch", "first_occurrences"]
 
 BASELINES = ("ema", "risk_seeking")
 
@@ -62,8 +63,13 @@ class Advantages:
         self.kind, self.decay, self.epsilon = kind, float(decay), float(epsilon)
         self.ema: float | None = None  # the EMA of batch mean rewards (kept in both modes, for the logs)
 
-    def compute(self, rewards: Tensor | np.ndarray) -> AdvantageBatch:
-        """Advantages of one batch of rewards (N,), and the EMA advanced past it."""
+    def compute(self, rewards: Tensor | np.ndarray, keys: Sequence[str] | None = None) -> AdvantageBatch:
+        """Advantages of one batch of rewards (N,), and the EMA advanced past it.
+
+        ``keys`` (the rules' canonical keys) make the step count each distinct rule of the
+        batch once: a repeat of an earlier sample is left out (``keep`` False). See
+        ``first_occurrences`` for what that does to the gradient.
+        """
         rewards = torch.as_tensor(rewards, dtype=torch.float32)
         mean = rewards.mean().item()
         if self.ema is None:
@@ -78,6 +84,8 @@ class Advantages:
             keep = rewards >= q
             out = AdvantageBatch(torch.where(keep, rewards - q, 0.0), keep, q)
         self.ema = self.decay * self.ema + (1 - self.decay) * mean
+        if keys is not None:
+            out = AdvantageBatch(out.advantages, out.keep & first_occurrences(keys), out.baseline)
         return out
 
     # -------------------------------------------------------------------- checkpoints
@@ -90,3 +98,23 @@ class Advantages:
             self.ema = state.get("ema")
         else:
             self.ema = None if state is None or not math.isfinite(state) else float(state)
+
+
+def first_occurrences(keys: Sequence[str]) -> Tensor:
+    """(N,) bool: True for the first sample of each distinct rule of a batch.
+
+    dso's "novel samples" idea, for a batch that a converging controller fills with copies
+    of one rule (in the default Rosenbrock run, hundreds of the last samples were one rule).
+    Scoring a copy costs nothing here (the evaluator's cache), but each copy adds its own
+    ``(R - b) * grad log p`` term, so a rule sampled k times pulls k times. Counting it once
+    makes the step a biased estimate of the gradient of the expected reward: the terms of
+    probable rules are down-weighted by their multiplicity, which keeps the policy from
+    collapsing onto one rule (an effect like an entropy bonus that grows with collapse). The
+    risk-seeking objective (ties at the quantile) is where it matters most. Off by default.
+    """
+    seen: set[str] = set()
+    first = []
+    for key in keys:
+        first.append(key not in seen)
+        seen.add(key)
+    return torch.tensor(first, dtype=torch.bool)

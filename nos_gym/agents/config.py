@@ -230,6 +230,9 @@ class ControllerArgs(RunArgs):
     """EMA baseline: b <- decay * b + (1 - decay) * mean batch reward"""
     risk_epsilon: float = 0.05
     """risk_seeking: the fraction of each batch the update learns from (dso's default 0.05)"""
+    distinct_in_batch: bool = False
+    """count each distinct rule of a batch once in the update (a biased gradient that resists
+    collapse onto one rule; see nos_gym/agents/advantage.py first_occurrences)"""
 
     def validate(self) -> None:
         super().validate()

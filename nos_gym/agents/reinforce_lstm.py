@@ -57,7 +57,8 @@ def main(argv: Sequence[str] | None = None) -> Run:
             run.record(b, batch.infos, batch.rewards)
 
             # 2. advantages: EMA baseline (every rule), or risk-seeking (the batch's top epsilon)
-            adv = baseline.compute(batch.rewards)
+            keys = [info["canonical_key"] for info in batch.infos] if args.distinct_in_batch else None
+            adv = baseline.compute(batch.rewards, keys)
             keep = adv.keep
 
             # 3. the REINFORCE step, on the rules that count

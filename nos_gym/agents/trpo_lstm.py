@@ -192,7 +192,8 @@ def main(argv: Sequence[str] | None = None) -> Run:
 
             # 2. advantages: against the EMA of rewards (the paper), or only the top epsilon of
             #    the batch against its quantile (risk-seeking)
-            adv = baseline.compute(batch.rewards)
+            keys = [info["canonical_key"] for info in batch.infos] if args.distinct_in_batch else None
+            adv = baseline.compute(batch.rewards, keys)
             keep = adv.keep
             advantages = adv.advantages[keep]
             if args.normalize_advantages:
