@@ -5,7 +5,7 @@ process, then prints one table over the seeds:
 
 - best reward found;
 - samples to reach the threshold: the first sampled rule scoring at least the threshold
-  (by default the DSL form of Momentum, ``m``, on the same task), "-" if never reached;
+  (by default PowerSign's score on the same task), "-" if never reached;
 - mean reward of the top 10 *distinct* rules (by canonical key, so a controller that
   samples one rule 10 times does not count it 10 times);
 - seconds of wall time.
@@ -13,9 +13,12 @@ process, then prints one table over the seeds:
 and saves a Figure-4-style plot (reward against the number of sampled rules: moving
 average, and best so far) to ``--out``.
 
-    python benchmarks/agents_compare.py                          # 3 seeds x 5 agents, Rosenbrock
+    python benchmarks/agents_compare.py                          # 3 seeds x 7 agents, Rosenbrock
     python benchmarks/agents_compare.py --agents trpo_lstm random_search --seeds 1 --total-rules 1000
     python benchmarks/agents_compare.py --set trpo_lstm.max_kl=0.05
+
+Besides the five agents, ``trpo_lstm_risk`` and ``reinforce_lstm_risk`` are the LSTM agents
+with the risk-seeking baseline (``--baseline risk_seeking``, epsilon 0.05).
 
 Every agent gets the same task, space, depth, constraints, batch size and budget. Each
 run has its own result store (so its seconds include all of its scoring); with
@@ -46,10 +49,16 @@ from nos_gym.tasks import make
 
 REFERENCES = {"Momentum (m)": "m", "SGD (g)": "g", "Adam": "ADAM", "PowerSign": "g * exp(sign(g) * sign(m))"}
 
+#: benchmark names -> (agent, extra flags): the agents, and the LSTM agents with the risk-seeking baseline
+VARIANTS: dict[str, tuple[str, list[str]]] = {name: (name, []) for name in AGENTS} | {
+    "trpo_lstm_risk": ("trpo_lstm", ["--baseline", "risk_seeking"]),
+    "reinforce_lstm_risk": ("reinforce_lstm", ["--baseline", "risk_seeking"]),
+}
+
 
 def parse_cli(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--agents", nargs="+", default=list(AGENTS), choices=list(AGENTS))
+    p.add_argument("--agents", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--task", default="rosenbrock")
     p.add_argument("--task-options", type=yaml.safe_load, default={}, help="YAML/JSON mapping")
@@ -58,7 +67,7 @@ def parse_cli(argv=None) -> argparse.Namespace:
     p.add_argument("--total-rules", type=int, default=3000)
     p.add_argument("--num-envs", type=int, default=100)
     p.add_argument("--threshold", type=float, default=None,
-                   help="reward for 'samples to threshold' (default: the DSL Momentum's score on the task)")
+                   help="reward for 'samples to threshold' (default: PowerSign's score on the task)")
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--set", action="append", default=[], metavar="AGENT.KEY=VALUE",
                    help="an agent-specific setting, e.g. trpo_lstm.max_kl=0.05 (repeatable)")
@@ -125,7 +134,7 @@ def plot(results: dict, threshold: float, path: Path, title: str, window: int = 
     axes[0].set_title(f"Controller reward (moving average of {w} rules, mean of seeds)")
     axes[1].set_title("Best reward so far (mean of seeds; band: min-max)")
     for ax in axes:
-        ax.axhline(threshold, color="gray", ls="--", lw=1, label="Momentum (m)")
+        ax.axhline(threshold, color="gray", ls="--", lw=1, label="threshold (PowerSign)")
         ax.set_xlabel("Number of sampled optimizers")
         ax.set_ylabel("Reward")
         ax.grid(alpha=0.3)
@@ -157,14 +166,15 @@ def main(argv=None) -> dict:
 
     task = make(a.task, **a.task_options)
     refs = {name: task.evaluate([parse(rule)])[0].reward for name, rule in REFERENCES.items()}
-    threshold = refs["Momentum (m)"] if a.threshold is None else a.threshold
+    threshold = refs["PowerSign"] if a.threshold is None else a.threshold
     common = ["--task", a.task, "--task-options", json.dumps(a.task_options), "--space", a.space,
               "--depth", str(a.depth), "--total-rules", str(a.total_rules), "--num-envs", str(a.num_envs),
               "--no-progress"]
 
     results: dict[str, dict[int, dict]] = {}
     for agent in a.agents:
-        module = load_agent(agent)
+        base, flags = VARIANTS[agent]
+        module = load_agent(base)
         for seed in a.seeds:
             run_dir = out / "runs" / f"{agent}-s{seed}"
             t0 = time.time()
@@ -172,7 +182,7 @@ def main(argv=None) -> dict:
             store = out / ("store.sqlite" if a.shared_store else f"stores/{agent}-s{seed}.sqlite")
             with contextlib.redirect_stdout(io.StringIO()):  # each run's own top-10 is in its top.txt
                 module.main(common + ["--seed", str(seed), "--run-dir", str(run_dir), "--store", str(store)]
-                            + extra.get(agent, []))
+                            + flags + extra.get(base, []))
             summary = summarize(run_dir, threshold, a.top)
             summary["seconds"] = time.time() - t0
             results.setdefault(agent, {})[seed] = summary

@@ -243,3 +243,21 @@ def test_portability_scores_are_repeatable_and_compared_per_kernel_set(capsys):
                                                   for i, (k, v) in enumerate(first["rosenbrock"].items())})
     assert (c["identical"], c["over_1e-2"], round(c["max"], 9)) == (c["rules"] - 1, 1, 0.05)
     assert "default" in portability.available_capabilities()
+
+
+# --------------------------------------------------------------- agents_compare (issue 13)
+def test_agents_compare_runs_variants_and_reports_each(tmp_path, capsys):
+    import agents_compare
+
+    out = tmp_path / "cmp"
+    results = agents_compare.main(["--agents", "random_search", "trpo_lstm_risk", "--seeds", "1",
+                                   "--total-rules", "40", "--num-envs", "20", "--depth", "1", "--space", "small",
+                                   "--task-options", "{iterations: 100}", "--out", str(out)])
+    assert set(results) == {"random_search", "trpo_lstm_risk"}
+    for runs in results.values():
+        assert len(runs[1]["rewards"]) == 40 and 0 <= runs[1]["top_mean"] <= runs[1]["best"] <= 1
+    updates = (out / "runs" / "trpo_lstm_risk-s1" / "updates.jsonl").read_text().splitlines()
+    assert all(json.loads(u)["kept"] < 20 for u in updates)  # the risk-seeking variant really ran
+    table = (out / "table.md").read_text()
+    assert "| trpo_lstm_risk |" in table and "threshold (samples to reach)" in table
+    assert (out / "figure4.png").stat().st_size > 1000
