@@ -28,6 +28,13 @@ slots with equal unaries are contiguous), run ``unary_runs`` in place, gather th
 sides into the binaries' order (``sides_order``), run ``binary_runs`` in place, and copy
 the result into the bank (``result_row``) if a later group reads it. After the last group,
 ``Plan.output_index`` puts the rows back in program order.
+
+Random draws (``drop``, ``noise``): every ``drop``/``noise`` token of a program is a
+**draw site**, numbered on the program's canonical form (``draw_sites``), and a row's draws
+at a site are a fixed function of (the row's stream seed, the step, the site, the column):
+``nos_gym.random_streams``. The plan says which (row, site) each noise row of the bank
+(``Plan.noise``) and each slot of a ``drop`` run (``Run.draws``) reads, so a row draws the
+same numbers in any batch, at any position, and as ``NOSOptimizer`` draws them alone.
 """
 
 from __future__ import annotations
@@ -36,8 +43,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from nos_gym.dsl.canonical import _EXPANSIONS, _SIGN_OPERANDS, tree_key
 from nos_gym.dsl.program import Program
-from nos_gym.dsl.vocabulary import CLIP_LEVELS, DROP_RATES, WEIGHT_SCALES, is_result_operand, result_index
+from nos_gym.dsl.vocabulary import (
+    CLIP_LEVELS,
+    COMMUTATIVE,
+    DROP_RATES,
+    GROUP_SIZE,
+    STOCHASTIC,
+    WEIGHT_SCALES,
+    is_result_operand,
+    result_index,
+)
 
 #: unary tokens that differ only in a constant, by family: one call runs a whole family
 #: with a constant per slot (``nos_gym.rules.UNARY_FAMILIES`` holds the functions)
@@ -45,13 +62,22 @@ FAMILIES: dict[str, dict[str, float]] = {"clip": CLIP_LEVELS, "drop": DROP_RATES
 _FAMILY_OF = {tok: fam for fam, consts in FAMILIES.items() for tok in consts}
 
 
+class Draw(NamedTuple):
+    """Where a row's random numbers come from: its stream (row ``row``) at draw site ``site``."""
+
+    row: int
+    site: int
+
+
 class Run(NamedTuple):
-    """One call over slots (or rows) ``lo:hi``: a token, or a family with each slot's constant."""
+    """One call over slots (or rows) ``lo:hi``: a token, or a family with each slot's constant
+    (and, for ``drop``, each slot's ``Draw``)."""
 
     token: str
     lo: int
     hi: int
     constants: tuple[float, ...] = ()
+    draws: tuple[Draw, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -123,6 +149,12 @@ class Plan:
     groups: tuple[GroupPlan, ...]
     output_index: tuple[int, ...] | None  # the row of the last output holding each program's update;
                                           # None: already in program order
+    noise: tuple[Draw, ...] = ()         # the draw of each noise row of the bank, in bank order
+
+    @property
+    def drop_draws(self) -> tuple[Draw, ...]:
+        """The draw of every slot of every ``drop`` run, group by group, run by run."""
+        return tuple(d for grp in self.groups for run in grp.unary_runs for d in run.draws)
 
 
 # ---------------------------------------------------------------------- the builder
@@ -179,17 +211,21 @@ def build_plan(programs: Sequence[Program]) -> Plan:
 
     entry = {t: bank.entry(t) for t in (*bank.constant, *bank.powers, *bank.computed, *bank.scaled_w)}
     entry.update(bank.results)
+    sites = [draw_sites(p) for p in programs]  # padding adds no draws and moves no token
     result_order: dict[str, list[int]] = {}  # result operand -> position of each row in its entry
     noise_row = bank.noise_start
+    noise: list[Draw] = []
     plans: list[GroupPlan] = []
     row_order = rows
     for k, grp in enumerate(groups):
         slots = [(r, s) for s in sides[k] for r in rows]  # all left sides, then all right sides
         order, unary_runs = _sort_rows([grp[r][2 + s] for r, s in slots], key=_unary_key)
         slot_reads = []
-        for r, s in (slots[i] for i in order):
+        ordered = [slots[i] for i in order]
+        for r, s in ordered:
             op = grp[r][s]
             if op == "noise":  # a fresh draw per read: a row of its own
+                noise.append(Draw(r, sites[r][GROUP_SIZE * k + s]))
                 slot_reads.append(noise_row)
                 noise_row += 1
             elif op in result_order:  # the result of an earlier group
@@ -208,14 +244,139 @@ def build_plan(programs: Sequence[Program]) -> Plan:
             result_order[result] = _inverse(row_order)
         plans.append(GroupPlan(
             reads=tuple(slot_reads),
-            unary_runs=tuple(r for r in _family_runs(unary_runs) if r.token != "id"),
+            unary_runs=tuple(_with_draws(run, ordered, sites, k) for run in _family_runs(unary_runs)
+                             if run.token != "id"),
             row_order=tuple(row_order),
             sides_order=sides_order,
             binary_runs=tuple(r for r in binary_runs if r.token != "keep"),
             result_row=entry[result] if read_later else None,
         ))
     output_index = None if row_order == rows else tuple(_inverse(row_order))
-    return Plan(B, depth, averages, bank, tuple(plans), output_index)
+    return Plan(B, depth, averages, bank, tuple(plans), output_index, tuple(noise))
+
+
+# ------------------------------------------------------------------------ draw sites
+#: site of a drop/noise token whose value the update never reads (a keep-left's right
+#: side, a result no later group reads): the executors may still compute it, and its
+#: numbers change nothing. ``UNUSED_SITE + token position``, away from the used ones.
+UNUSED_SITE = 1 << 20
+_STOCHASTIC = frozenset(STOCHASTIC)
+
+
+def draw_sites(program: Program) -> dict[int, int]:
+    """The draw site of each ``drop``/``noise`` token of ``program``: token position -> site.
+
+    Sites are numbered on the canonical form (``Program.canonical_tree``), so that programs
+    with one canonical key draw the same numbers: the canonical tree is walked in prefix
+    order (a node before its arguments, arguments in their canonical order) and its
+    ``drop`` nodes and ``noise`` leaves are numbered 0, 1, 2, ...; a token gets the number
+    of its node (the first, if its group's result is read twice, so it appears twice in
+    the tree). E.g. ``drop(g, 0.3) * exp(sign(g) * sign(m))`` and its mirror
+    ``exp(sign(m) * sign(g)) * drop(g, 0.3)`` both have one site, 0, at their drop tokens
+    (positions 7 and 8 of their token strings). A token the update never reads gets
+    ``UNUSED_SITE`` + its position. The canonical rewrites are those of
+    ``nos_gym.dsl.canonical`` (tests/test_rules.py checks the two agree), applied to a tree
+    whose stochastic nodes carry their token's position. Computed once per Program object
+    (kept with it, as its cached properties are).
+    """
+    known = program.__dict__.get("_draw_sites")
+    if known is None:
+        known = program.__dict__["_draw_sites"] = _draw_sites(program) if _STOCHASTIC & set(program.tokens) else {}
+    return known
+
+
+def _draw_sites(program: Program) -> dict[int, int]:
+    numbered: dict[int, int] = {}
+    for n, tag in enumerate(_prefix_tags(_canonical_tagged(_tagged_tree(program)))):
+        numbered.setdefault(tag, n)
+    sites = {}
+    for k, (op1, op2, u1, u2, _) in enumerate(program.groups):
+        for s, (op, u) in enumerate(((op1, u1), (op2, u2))):
+            for pos, stochastic in ((GROUP_SIZE * k + s, op == "noise"), (GROUP_SIZE * k + 2 + s, u in DROP_RATES)):
+                if stochastic:
+                    sites[pos] = numbered.get(pos, UNUSED_SITE + pos)
+    return sites
+
+
+# A tagged tree is Program.tree with the position of the token in every stochastic node:
+# ("op", "noise", pos) and ("u", "drop0.3", child, pos).
+def _tagged_tree(program: Program) -> tuple:
+    results: list[tuple] = []
+    for k, (op1, op2, u1, u2, b) in enumerate(program.groups):
+        sides = []
+        for s, (op, u) in enumerate(((op1, u1), (op2, u2))):
+            if is_result_operand(op):
+                leaf = results[result_index(op) - 1]
+            else:
+                leaf = ("op", op, GROUP_SIZE * k + s) if op == "noise" else ("op", op)
+            sides.append(("u", u, leaf, GROUP_SIZE * k + 2 + s) if u in DROP_RATES else ("u", u, leaf))
+        results.append(("b", b, *sides))
+    return results[-1]
+
+
+def _tag_of(node: tuple) -> int | None:
+    if node[0] == "op":
+        return node[2] if len(node) == 3 else None
+    if node[0] == "u":
+        return node[3] if len(node) == 4 else None
+    return None
+
+
+def _untagged(node: tuple) -> tuple:
+    if node[0] == "op":
+        return node[:2]
+    if node[0] == "u":
+        return ("u", node[1], _untagged(node[2]))
+    return (node[0], node[1], *(_untagged(c) for c in node[2:]))
+
+
+def _canonical_tagged(node: tuple) -> tuple:
+    """``nos_gym.dsl.canonical.canonicalize`` on a tagged tree, tags kept (commutative
+    terms sorted by their untagged key, ties in their original order, as there)."""
+    kind = node[0]
+    if kind == "op":
+        return _EXPANSIONS.get(node[1], node)
+    if kind == "u":
+        name, child, tag = node[1], _canonical_tagged(node[2]), node[3:]
+        if name == "id":
+            return child
+        if name == "neg" and child[0] == "u" and child[1] == "neg":
+            return child[2]
+        if name == "sign":
+            if child[0] == "op" and child[1] in _SIGN_OPERANDS:
+                return ("op", _SIGN_OPERANDS[child[1]])
+            if child[0] == "op" and child[1] in ("sign_g", "sign_m"):
+                return child
+            if child[0] == "u" and child[1] == "sign":
+                return child
+        return ("u", name, child, *tag)
+    name = node[1]
+    if name == "keep":
+        return _canonical_tagged(node[2])
+    left, right = _canonical_tagged(node[2]), _canonical_tagged(node[3])
+    if name in COMMUTATIVE:
+        terms: list[tuple] = []
+        for t in (left, right):
+            terms.extend(t[2:] if t[0] == "b" and t[1] == name else (t,))
+        return ("b", name, *sorted(terms, key=lambda t: tree_key(_untagged(t))))
+    return ("b", name, left, right)
+
+
+def _prefix_tags(node: tuple):
+    """The tags of a tagged tree's stochastic nodes in prefix order (repeats included)."""
+    tag = _tag_of(node)
+    if tag is not None:
+        yield tag
+    children = node[2:3] if node[0] == "u" else node[2:] if node[0] == "b" else ()
+    for child in children:
+        yield from _prefix_tags(child)
+
+
+def _with_draws(run: Run, ordered: list[tuple[int, int]], sites: list[dict[int, int]], k: int) -> Run:
+    """A drop run with the draw of each of its slots (``ordered``: group k's (row, side) in unary order)."""
+    if run.token != "drop":
+        return run
+    return run._replace(draws=tuple(Draw(r, sites[r][GROUP_SIZE * k + 2 + s]) for r, s in ordered[run.lo:run.hi]))
 
 
 def _bank_layout(B: int, reads: list[str], averages: tuple[str, ...]) -> BankLayout:

@@ -25,8 +25,13 @@ Operand definitions (section 4.1, hyperparameters of section 4.2):
   by ``1 - beta^t`` when ``Hyper.bias_correction`` (the default, the paper's hats);
 - ``ADAM = m / (sqrt(v) + eps)``, ``RMSProp = g / (sqrt(v) + eps)``;
 - ``noise``: fresh N(0, ``Hyper.noise_std``^2) each step and each read; ``drop(x, p)``:
-  zero each entry with probability p (no rescaling; an inf entry too), both from the
-  rule's seeded generator;
+  zero each entry with probability p (no rescaling; an inf entry too). Both come from the
+  rule's own counter-based stream (``nos_gym.random_streams``): the value at step t, draw
+  site s (``nos_gym.rule_plan.draw_sites``) and element i is a fixed function of (the rule's
+  stream seed, t, s, i), so both executors, every batch and every position in it draw the
+  same numbers for a rule. The element index is the column of a ``BatchedRule`` row, and
+  for ``apply_rule`` over a list of tensors the offset of the entry in the tensors laid end
+  to end (``Draws``);
 - ``x / y`` is ``x / (y + eps)``; ``clip(x, l)`` clamps to [-l, l]; ``log|x|``, ``sqrt|x|``.
 
 Non-finite values are never an error here: they are returned and the caller decides.
@@ -34,6 +39,7 @@ Non-finite values are never an error here: they are returned and the caller deci
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -49,17 +55,28 @@ from nos_gym.dsl.vocabulary import (
     COMMUTATIVE,
     DROP_RATES,
     EPS,
+    GROUP_SIZE,
     NOISE_STD,
     SEMANTICS_VERSION,  # re-exported: the version of the semantics defined here
     WEIGHT_SCALES,
     is_result_operand,
     result_index,
 )
-from nos_gym.rule_plan import FAMILIES, Plan, build_plan, needed_averages, pad_program
+from nos_gym.random_streams import (
+    counters,
+    hash64,
+    normal,
+    random_bits,
+    site_keys,
+    step_keys,
+    stream_seed,
+    uniform,
+)
+from nos_gym.rule_plan import FAMILIES, Draw, Plan, build_plan, draw_sites, needed_averages, pad_program
 
-__all__ = ["BINARY_FUNCTIONS", "SEMANTICS_VERSION", "UNARY_FAMILIES", "UNARY_FUNCTIONS", "BatchedRule", "Hyper",
-           "Inputs", "Plan", "RuleState", "advance_averages", "apply_rule", "build_plan", "clip_", "draw_noise",
-           "drop_", "needed_averages", "pad_program", "update_averages"]
+__all__ = ["BINARY_FUNCTIONS", "SEMANTICS_VERSION", "UNARY_FAMILIES", "UNARY_FUNCTIONS", "BatchedRule", "Draws",
+           "Hyper", "Inputs", "Plan", "RuleState", "advance_averages", "apply_rule", "build_plan", "clip_",
+           "draw_sites", "drop_", "needed_averages", "pad_program", "update_averages"]
 
 Values = list[Tensor]
 
@@ -76,14 +93,48 @@ class Hyper:
     noise_std: float = NOISE_STD
 
 
+# ------------------------------------------------------------------------ random draws
+class Draws:
+    """One rule's random numbers at one step, over a list of tensors laid end to end.
+
+    ``seed`` is the rule's stream seed, ``step`` the step count (1, 2, ...), ``offsets[k]``
+    the element index of the first entry of tensor k (``NOSOptimizer``: the offset of a
+    parameter over all its parameters in order). Entry j of tensor k draws at element
+    index ``offsets[k] + j`` (its flat index), so a list of tensors draws what the same
+    entries draw as one flat row of ``BatchedRule``.
+    """
+
+    def __init__(self, seed: int, step: int, offsets: Sequence[int]):
+        self.seed, self.step, self.offsets = int(seed), int(step), [int(o) for o in offsets]
+
+    def bits(self, site: int, like: Values) -> Values:
+        """The 64 random bits of every entry of ``like`` at draw site ``site`` (int64, ``like``'s shapes)."""
+        key = hash64(hash64(self.seed, site), self.step)  # the step key: as random_streams.step_keys computes it
+        out = []
+        for t, offset in zip(like, self.offsets, strict=True):
+            index = torch.arange(offset, offset + t.numel(), dtype=torch.int64, device=t.device)
+            k = torch.tensor(key - (1 << 64) if key >> 63 else key, dtype=torch.int64, device=t.device)
+            out.append(random_bits(k, index).view(t.shape))
+        return out
+
+    def uniform(self, site: int, like: Values) -> Values:
+        """float32 uniforms in [0, 1) for ``drop``."""
+        return [uniform(b) for b in self.bits(site, like)]
+
+    def noise(self, site: int, like: Values, std: float) -> Values:
+        """N(0, std^2) values (drawn in float32) in ``like``'s dtypes, for the operand ``noise``."""
+        return [normal(b, std).to(t.dtype) for b, t in zip(self.bits(site, like), like)]
+
+
 # ----------------------------------------------------------------------------- operands
 class Inputs:
-    """What operands read at one step: the gradient, the weights, the running averages."""
+    """What operands read at one step: the gradient, the weights, the running averages,
+    and the rule's random draws (``draws``; only ``apply_rule`` reads them)."""
 
     def __init__(self, g: Values, w: Values, m: Values | None, v: Values | None, y: Values | None,
-                 step: int, hyper: Hyper, generator: torch.Generator | None, known: dict[str, Values] | None = None):
+                 step: int, hyper: Hyper, draws: Draws | None = None, known: dict[str, Values] | None = None):
         self.g, self.w, self.m, self.v, self.y = g, w, m, v, y
-        self.step, self.hyper, self.generator = step, hyper, generator
+        self.step, self.hyper, self.draws = step, hyper, draws
         # what this step already has, never recomputed: operands the caller computed
         # (``known``: g2, g3), and the bias-corrected averages and ADAM/RMSProp's denominator
         # that m, v, ADAM and RMSProp share
@@ -140,7 +191,7 @@ class Inputs:
         if name == "one":
             return [torch.ones_like(t) for t in self.g], True
         if name == "noise":
-            return [draw_noise(t, h, self.generator) for t in self.g], True
+            raise KeyError("operand 'noise' is drawn at a site: use Inputs.noise(site)")
         if name in WEIGHT_SCALES:
             return torch._foreach_mul(self.w, WEIGHT_SCALES[name]), True
         if name == "adam":
@@ -149,28 +200,27 @@ class Inputs:
             return torch._foreach_div(self.g, self._denominator()), True
         raise KeyError(f"unknown operand {name!r}")
 
+    def noise(self, site: int) -> Values:
+        """The operand ``noise`` read at draw site ``site``: a fresh copy."""
+        if self.draws is None:
+            raise RuntimeError("operand 'noise' needs the rule's random draws (Inputs(..., draws=Draws(...)))")
+        return self.draws.noise(site, self.g, self.hyper.noise_std)
+
 
 # ---------------------------------------------------------------------------- functions
 # Every function works in place on its first argument (a list of tensors or of views).
-def draw_noise(like: Tensor, hyper: Hyper, generator: torch.Generator | None, out: Tensor | None = None) -> Tensor:
-    """Fresh N(0, noise_std^2) values of ``like``'s shape and dtype (into ``out`` if given).
-    Drawn in float32: a float64 draw costs 5x as much on CPU, and the noise needs no more
-    than float32 resolution."""
-    z = torch.randn(like.shape, generator=generator, device=like.device, dtype=torch.float32)
-    if out is not None:
-        return torch.mul(z, hyper.noise_std, out=out)
-    return z.mul_(hyper.noise_std).to(like.dtype)
+def drop_(x: Values, rate: float | Values, u: Values) -> None:
+    """``drop(x, p)``: zero each entry whose uniform (float32, ``u``: one tensor per tensor of
+    ``x``) is below p (no rescaling), i.e. with probability p.
 
-
-def drop_(x: Values, rate: float | Values, gen: torch.Generator | None) -> None:
-    """``drop(x, p)``: zero each entry with probability p (no rescaling).
-
-    ``rate`` is one p for every tensor, or one tensor of p per tensor of ``x`` that
-    broadcasts against it (the batched executor gives each row its own p).
+    ``rate`` is one p for every tensor, or one float32 tensor of p per tensor of ``x`` that
+    broadcasts against it (the batched executor gives each row its own p). p is compared
+    as a float32, so both executors draw the same mask.
     """
-    rates = rate if isinstance(rate, list) else [rate] * len(x)
-    for t, p in zip(x, rates):
-        t.masked_fill_(torch.rand(t.shape, generator=gen, device=t.device) < p, 0.0)
+    # a Python p is rounded to float32 here: compared with a float32 tensor, torch takes it as that
+    rates = rate if isinstance(rate, list) else [struct.unpack("f", struct.pack("f", rate))[0]] * len(x)
+    for t, p, ut in zip(x, rates, u, strict=True):
+        t.masked_fill_(ut < p, 0.0)
 
 
 def clip_(x: Values, level: float | list[tuple[Tensor, Tensor]]) -> None:
@@ -184,33 +234,35 @@ def clip_(x: Values, level: float | list[tuple[Tensor, Tensor]]) -> None:
         torch.clamp(t, lo, hi, out=t)
 
 
-def _log_abs(x: Values, gen: torch.Generator | None) -> None:
+def _log_abs(x: Values, u: Values | None) -> None:
     torch._foreach_abs_(x)
     torch._foreach_log_(x)
 
 
-def _sqrt_abs(x: Values, gen: torch.Generator | None) -> None:
+def _sqrt_abs(x: Values, u: Values | None) -> None:
     torch._foreach_abs_(x)
     torch._foreach_sqrt_(x)
 
 
-#: unary name -> its function, in place on a list of tensors (``nos_gym.dsl.UNARY``: name -> notation)
-UNARY_FUNCTIONS: dict[str, Callable[[Values, torch.Generator | None], None]] = {
-    "id": lambda x, gen: None,
-    "neg": lambda x, gen: torch._foreach_neg_(x),
-    "exp": lambda x, gen: torch._foreach_exp_(x),
+#: unary name -> its function, in place on a list of tensors (``nos_gym.dsl.UNARY``: name ->
+#: notation). The second argument is the uniforms a ``drop`` reads (None for the others).
+UNARY_FUNCTIONS: dict[str, Callable[[Values, Values | None], None]] = {
+    "id": lambda x, u: None,
+    "neg": lambda x, u: torch._foreach_neg_(x),
+    "exp": lambda x, u: torch._foreach_exp_(x),
     "log_abs": _log_abs,
-    "sign": lambda x, gen: torch._foreach_sign_(x),
+    "sign": lambda x, u: torch._foreach_sign_(x),
     "sqrt_abs": _sqrt_abs,
-    **{name: (lambda x, gen, lv=level: clip_(x, lv)) for name, level in CLIP_LEVELS.items()},
-    **{name: (lambda x, gen, p=rate: drop_(x, p, gen)) for name, rate in DROP_RATES.items()},
+    **{name: (lambda x, u, lv=level: clip_(x, lv)) for name, level in CLIP_LEVELS.items()},
+    **{name: (lambda x, u, p=rate: drop_(x, p, u)) for name, rate in DROP_RATES.items()},
 }
 
 #: unary tokens that differ only in a constant (``nos_gym.rule_plan.FAMILIES``): the batched
-#: executor runs each family as one call with a per-row constant. Per family: (function,
-#: the function's argument made from a column of per-row constants of the data's dtype)
-UNARY_FAMILIES: dict[str, tuple[Callable[[Values, list, torch.Generator | None], None], Callable[[Tensor], object]]] = {
-    "clip": (lambda x, bounds, gen: clip_(x, bounds), lambda c: (-c, c)),
+#: executor runs each family as one call with a per-row constant. Per family: (function of
+#: the values, the argument and the drop's uniforms; the argument made from a column of
+#: per-row constants of the data's dtype)
+UNARY_FAMILIES: dict[str, tuple[Callable[[Values, list, Values | None], None], Callable[[Tensor], object]]] = {
+    "clip": (lambda x, bounds, u: clip_(x, bounds), lambda c: (-c, c)),
     "drop": (drop_, lambda c: c.float()),  # compared with float32 draws
 }
 assert set(UNARY_FAMILIES) == set(FAMILIES)
@@ -287,23 +339,32 @@ def apply_rule(program: Program, inp: Inputs) -> Values:
         for op in (op1,) if b == "keep" else (op1, op2):
             refs[op] = refs.get(op, 0) + 1
     results: list[tuple[Values, bool]] = []
+    sites = draw_sites(program)
 
-    def side(op: str, unary: str) -> tuple[Values, bool]:
+    def side(op: str, unary: str, position: int) -> tuple[Values, bool]:
+        # position: of the operand token; its unary is 2 tokens on
         if is_result_operand(op):
             vals, owned = results[result_index(op) - 1]
             owned = owned and refs[op] == 1
+        elif op == "noise":
+            vals, owned = inp.noise(sites[position]), True
         else:
             vals, owned = inp.get(op)
         if unary != "id":
             if not owned:
                 vals, owned = [t.clone() for t in vals], True
-            UNARY_FUNCTIONS[unary](vals, inp.generator)
+            u = None
+            if unary in DROP_RATES:
+                if inp.draws is None:
+                    raise RuntimeError(f"{unary} needs the rule's random draws (Inputs(..., draws=Draws(...)))")
+                u = inp.draws.uniform(sites[position + 2], vals)
+            UNARY_FUNCTIONS[unary](vals, u)
         return vals, owned
 
-    for op1, op2, u1, u2, b in program.groups:
-        a, a_owned = side(op1, u1)
+    for k, (op1, op2, u1, u2, b) in enumerate(program.groups):
+        a, a_owned = side(op1, u1, GROUP_SIZE * k)
         if b != "keep":
-            c, c_owned = side(op2, u2)
+            c, c_owned = side(op2, u2, GROUP_SIZE * k + 1)
             if not a_owned:
                 if c_owned and b in COMMUTATIVE:
                     a, c = c, a
@@ -342,18 +403,32 @@ class BatchedRule:
     diverged ones) with their state.
 
     Programs may have different depths (shorter ones are padded with pass-through groups).
-    ``drop`` and ``noise`` draw from ``generator``; their draws depend on the batch's
-    layout, so a stochastic rule gets other (equally distributed) numbers in another batch.
+
+    Random draws: row i draws ``drop`` and ``noise`` from its own counter-based stream
+    (``nos_gym.random_streams``), with stream seed ``seeds[i]``: its numbers at step t,
+    draw site s and column j depend on (``seeds[i]``, t, s, j) only, not on the batch, the
+    row's position in it or the other rows, and ``NOSOptimizer`` draws the same ones for
+    that program and stream seed. Without ``seeds``, row i's stream seed is
+    ``stream_seed(seed, programs[i].canonical_key, 0)`` (draw 0 of the rule under task seed
+    ``seed``); ``generator`` (the old interface) stands for ``seed=generator.initial_seed()``.
+    The draws of a block of steps are computed at once (``_Executor``).
     """
 
     def __init__(self, programs: Sequence[Program], hyper: Hyper = Hyper(),
-                 generator: torch.Generator | None = None, device: torch.device | str | None = None):
+                 generator: torch.Generator | None = None, device: torch.device | str | None = None, *,
+                 seed: int = 0, seeds: Sequence[int] | None = None):
         if not programs:
             raise ValueError("BatchedRule needs at least one program")
         self.programs = list(programs)
         self.hyper = hyper
-        self.generator = generator
         self.device = torch.device(device) if device is not None else None
+        if seeds is None:
+            base = generator.initial_seed() if generator is not None else int(seed)
+            seeds = [stream_seed(base, p.canonical_key, 0) if p.stochastic else 0 for p in self.programs]
+        elif len(seeds) != len(self.programs):
+            raise ValueError(f"{len(seeds)} seeds for {len(self.programs)} programs")
+        #: the stream seed of each row
+        self.seeds: tuple[int, ...] = tuple(int(x) for x in seeds)
         self.plan: Plan = build_plan(self.programs)
         self._executor: _Executor | None = None
 
@@ -373,7 +448,7 @@ class BatchedRule:
         D = grad.numel() // R
         ex = self._executor
         if ex is None or ex.key != (D, grad.dtype, grad.device):
-            ex = self._executor = _Executor(self.plan, D, grad.dtype, grad.device, self.hyper, self.generator)
+            ex = self._executor = _Executor(self.plan, D, grad.dtype, grad.device, self.hyper, self.seeds)
         g = grad.reshape(R, D)
         known = ex.powers(g)
         g3 = known["g3"][0].view_as(grad) if "g3" in known else None
@@ -387,11 +462,12 @@ class BatchedRule:
 
         For dropping rows from a batch (diverged ones, say): the kept rows go on with the
         same numbers as if nothing had been dropped (the averages a smaller batch no longer
-        reads are left out). The new rule shares this one's hyperparameters, generator and
-        device.
+        reads are left out; each row keeps its stream seed). The new rule shares this one's
+        hyperparameters and device.
         """
         index = [int(i) for i in (rows.tolist() if isinstance(rows, Tensor) else rows)]
-        rule = BatchedRule([self.programs[i] for i in index], self.hyper, self.generator, self.device)
+        rule = BatchedRule([self.programs[i] for i in index], self.hyper, device=self.device,
+                           seeds=[self.seeds[i] for i in index])
         averages = {}
         for name in rule.plan.averages:
             avg = state.averages[name]
@@ -411,15 +487,63 @@ def _wide_rows(t: Tensor) -> Tensor:
     return t
 
 
+#: random numbers computed at once: steps per block, so that a block holds about this many
+#: (fewer kernels per step when rows are short, as in the loss-grid tasks' 2-number rows;
+#: small enough for the generator's temporaries to stay in a CPU's L2 cache)
+_BLOCK_ELEMENTS = 1 << 14
+_MAX_BLOCK_STEPS = 64
+#: elements generated per call inside a block (bounds the generator's temporaries)
+_CHUNK_ELEMENTS = 1 << 20
+
+
+class _Streams:
+    """The random numbers of a batch's draws (``Draw(row, site)`` each) for a block of steps:
+    uniforms (``drop``) or noise values, one row of ``width`` per draw, computed a block of
+    steps at a time (they depend on nothing but the step)."""
+
+    def __init__(self, draws: Sequence[Draw], seeds: Sequence[int], width: int, device: torch.device,
+                 kind: str, dtype: torch.dtype, std: float = 1.0):
+        self.n, self.kind, self.std, self.dtype = len(draws), kind, std, dtype
+        self.keys = site_keys([seeds[d.row] for d in draws], [d.site for d in draws], device)
+        self.counted = counters(torch.arange(width, dtype=torch.int64, device=device))  # column j: index j
+        self.steps = max(1, min(_MAX_BLOCK_STEPS, _BLOCK_ELEMENTS // max(1, self.n * width)))
+        self.block = torch.empty(self.steps, self.n, width, dtype=dtype, device=device)
+        self.first: int | None = None  # the step of block[0]
+
+    def at(self, step: int) -> Tensor:
+        """The (draws, width) numbers of ``step``."""
+        if self.first is None or not 0 <= step - self.first < self.steps:
+            self._fill(step)
+        return self.block[step - self.first]
+
+    def _fill(self, first: int) -> None:
+        steps = torch.arange(first, first + self.steps, dtype=torch.int64, device=self.keys.device)
+        keys = step_keys(self.keys, steps).view(-1)  # (steps * draws,)
+        flat = self.block.view(-1, self.block.shape[-1])
+        rows = max(1, _CHUNK_ELEMENTS // self.block.shape[-1])
+        for lo in range(0, len(keys), rows):
+            bits = random_bits(keys[lo: lo + rows], counted=self.counted)
+            values = uniform(bits) if self.kind == "uniform" else normal(bits, self.std)
+            flat[lo: lo + rows].copy_(values)
+        self.first = first
+
+
 class _Executor:
     """A ``Plan`` bound to rows of ``width`` numbers of one dtype on one device: the bank,
     the work buffers, their fixed views and the list of calls of one step. The buffers are
-    scratch space, overwritten every step; no state lives here."""
+    scratch space, overwritten every step; no state lives here (the random numbers of a
+    block of steps are a cache of a pure function of the step)."""
 
     def __init__(self, plan: Plan, width: int, dtype: torch.dtype, device: torch.device, hyper: Hyper,
-                 generator: torch.Generator | None):
+                 seeds: Sequence[int]):
         self.key = (width, dtype, device)
-        self.plan, self.hyper, self.generator = plan, hyper, generator
+        self.plan, self.hyper = plan, hyper
+        # drop's uniforms: one row per slot of every drop run, in plan order; noise: one per bank row
+        drops = plan.drop_draws
+        self.uniforms = _Streams(drops, seeds, width, device, "uniform", torch.float32) if drops else None
+        self.noise = (_Streams(plan.noise, seeds, width, device, "normal", dtype, hyper.noise_std)
+                      if plan.noise else None)
+        self._step = 0
         B, D, lay = plan.rows, width, plan.bank
 
         def block(start: int, entries: int) -> Tensor:
@@ -433,9 +557,10 @@ class _Executor:
         self.w_scales = torch.tensor([WEIGHT_SCALES[t] for t in lay.scaled_w], dtype=dtype, device=device).view(-1, 1, 1)
         self.noise_view = bank[lay.noise_start: lay.noise_start + lay.noise_rows]
 
-        gen, eps = generator, hyper.eps
+        eps = hyper.eps
         calls: list[Callable[[], None]] = []
         out: Tensor | None = None
+        drawn = 0  # drop slots so far: the first row of the next drop run's uniforms
         for grp in plan.groups:
             # the slots in unary order (outside the bank: a gather may not write into its source)
             work = torch.empty(len(grp.reads), D, dtype=dtype, device=device)
@@ -445,10 +570,16 @@ class _Executor:
                 if run.constants:
                     fn, argument = UNARY_FAMILIES[run.token]
                     const = [argument(torch.tensor(run.constants, dtype=dtype, device=device).view(-1, 1))]
-                    calls.append(lambda fn=fn, view=view, const=const: fn(view, const, gen))
+                    if run.draws:  # drop: this run's rows of the step's uniforms
+                        lo, hi = drawn, drawn + len(run.draws)
+                        drawn = hi
+                        calls.append(lambda fn=fn, view=view, const=const, lo=lo, hi=hi:
+                                     fn(view, const, [self.uniforms.at(self._step)[lo:hi]]))
+                    else:
+                        calls.append(lambda fn=fn, view=view, const=const: fn(view, const, None))
                 else:
                     fn = UNARY_FUNCTIONS[run.token]
-                    calls.append(lambda fn=fn, view=view: fn(view, gen))
+                    calls.append(lambda fn=fn, view=view: fn(view, None))
             if grp.sides_order is None:
                 out = work
             else:
@@ -479,14 +610,15 @@ class _Executor:
         B, D = g.shape
         h = self.hyper
         inp = Inputs([g], [w], *([averages[k].reshape(B, D)] if k in averages else None for k in ("m", "v", "y")),
-                     step, h, self.generator, known)
+                     step, h, None, known)
+        self._step = step
         lay = self.plan.bank
         if lay.computed:
             torch.stack([inp.get(t)[0][0] for t in lay.computed], out=self.computed_view)
         if lay.scaled_w:  # the operands w * 10^k (as Inputs.get defines them) as one broadcast multiply
             torch.mul(w.reshape(1, B, D), self.w_scales, out=self.scaled_w_view)
-        if lay.noise_rows:
-            draw_noise(self.noise_view, h, self.generator, out=self.noise_view)
+        if self.noise is not None:
+            self.noise_view.copy_(self.noise.at(step))
         for call in self.calls:
             call()
         out = self.out

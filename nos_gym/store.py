@@ -9,6 +9,12 @@ several processes (runs, agents, a notebook) can read and write it at once, and 
 transaction committed before the writer is SIGKILLed is on disk -- each result is
 committed the moment it arrives. Readers never block the writer.
 
+Behaviour fingerprints: a row also holds the rule's ``behaviour`` (its fingerprint on the
+Evaluator's probe, ``nos_gym.evaluation.probe``), indexed, so a rule that behaves like a
+stored one reuses its score (``get_by_behaviour``) within the same task fingerprint. A
+store written before the column existed opens as it is: a writer adds the column (its old
+rows have none and are matched by key only), a read-only reader finds no behaviours.
+
 Statuses: ``ok`` (the task scored the rule; a diverged rule is ``ok`` with reward 0),
 ``timeout`` (over the time limit), ``crashed`` (its worker died more often than the retry
 bound), ``error`` (the task raised). Only ``ok`` rows are reused as cache hits by
@@ -47,6 +53,8 @@ __all__ = ["Record", "STATUSES", "Store", "StoreError"]
 STATUSES = ("ok", "timeout", "crashed", "error")
 _COLUMNS = ("fingerprint", "key", "program", "tokens", "status", "reward", "metrics", "error", "seconds",
             "attempts", "run", "created", "updated")
+#: added later: a store without them still opens (a writer adds them)
+_OPTIONAL_COLUMNS = ("behaviour",)
 
 
 class StoreError(sqlite3.DatabaseError):
@@ -72,6 +80,7 @@ CREATE TABLE IF NOT EXISTS evaluations (
     run         TEXT,
     created     REAL NOT NULL,
     updated     REAL NOT NULL,
+    behaviour   TEXT,
     PRIMARY KEY (fingerprint, key)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS evaluations_by_reward ON evaluations (fingerprint, status, reward);
@@ -82,17 +91,20 @@ CREATE TABLE IF NOT EXISTS tasks (
     created     REAL NOT NULL
 );
 """
+# after the migration that adds the column to an older store
+_BEHAVIOUR_INDEX = "CREATE INDEX IF NOT EXISTS evaluations_by_behaviour ON evaluations (fingerprint, behaviour)"
 
 # An ok row is final; a failure is replaced by anything newer. Attempts add up.
 _UPSERT = """
 INSERT INTO evaluations (fingerprint, key, program, tokens, status, reward, metrics, error, seconds,
-                         attempts, run, created, updated)
+                         attempts, run, created, updated, behaviour)
 VALUES (:fingerprint, :key, :program, :tokens, :status, :reward, :metrics, :error, :seconds,
-        :attempts, :run, :now, :now)
+        :attempts, :run, :now, :now, :behaviour)
 ON CONFLICT (fingerprint, key) DO UPDATE SET
     program = excluded.program, tokens = excluded.tokens, status = excluded.status,
     reward = excluded.reward, metrics = excluded.metrics, error = excluded.error,
     seconds = excluded.seconds, run = excluded.run, updated = excluded.updated,
+    behaviour = coalesce(excluded.behaviour, evaluations.behaviour),
     attempts = evaluations.attempts + excluded.attempts
 WHERE evaluations.status != 'ok'
 """
@@ -115,10 +127,12 @@ class Record:
     run: str | None = None
     created: float = 0.0
     updated: float = 0.0
+    #: the rule's behaviour fingerprint on the probe (None: not recorded, e.g. an older row)
+    behaviour: str | None = None
 
     def result(self) -> Result:
-        """The stored score as a ``Result`` marked ``cached``."""
-        return Result(self.reward, dict(self.metrics), self.error, cached=True)
+        """The stored score as a ``Result`` marked ``cached`` (``source="store"``)."""
+        return Result(self.reward, dict(self.metrics), self.error, cached=True, source="store")
 
     def as_program(self) -> Program:
         return Program(self.tokens)
@@ -175,6 +189,7 @@ class Store:
                 # NORMAL in WAL mode: a commit survives the process being killed (not a power cut)
                 self._conn.execute("PRAGMA synchronous=NORMAL")
                 self._conn.executescript(_SCHEMA)
+                self._migrate()
                 if not memory:
                     # bring in what a killed writer left in the WAL, and put a new schema in the file itself
                     self.checkpoint("PASSIVE")
@@ -200,6 +215,23 @@ class Store:
         missing = [c for c in _COLUMNS if c not in columns]
         if missing:
             raise StoreError(f"{self.path} is not a nos-gym store: its 'evaluations' table lacks {missing}")
+
+    def _migrate(self) -> None:
+        """Add the columns a store written by an older version lacks (their old rows get NULL)."""
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(evaluations)")}
+        for name in _OPTIONAL_COLUMNS:
+            if name not in columns:
+                try:
+                    self._conn.execute(f"ALTER TABLE evaluations ADD COLUMN {name} TEXT")
+                except sqlite3.OperationalError as e:  # another writer added it just now
+                    if "duplicate column" not in str(e):
+                        raise
+        self._conn.execute(_BEHAVIOUR_INDEX)
+
+    @property
+    def _has_behaviour(self) -> bool:
+        """Whether the file has the ``behaviour`` column (a read-only older store has not)."""
+        return any(row[1] == "behaviour" for row in self._fetch("PRAGMA table_info(evaluations)", ())[1])
 
     def _open_error(self, e: sqlite3.Error) -> StoreError:
         """A one-line cause for a store that cannot be opened, naming the file and what to do."""
@@ -229,16 +261,21 @@ class Store:
 
     # -- writing ------------------------------------------------------------------------
     def put(self, fingerprint: str, program: Program, result: Result, *, status: str = "ok",
-            seconds: float | None = None, attempts: int = 1, run: str | None = None) -> None:
-        """Record one evaluation (committed before returning)."""
-        self.put_many(fingerprint, [(program, result, status, seconds, attempts)], run=run)
+            seconds: float | None = None, attempts: int = 1, run: str | None = None,
+            behaviour: str | None = None) -> None:
+        """Record one evaluation (committed before returning); ``behaviour``: its probe fingerprint."""
+        self.put_many(fingerprint, [(program, result, status, seconds, attempts, behaviour)], run=run)
 
-    def put_many(self, fingerprint: str, rows: Iterable[tuple[Program, Result, str, float | None, int]],
-                 *, run: str | None = None) -> None:
-        """Record several evaluations ``(program, result, status, seconds, attempts)`` in one transaction."""
+    def put_many(self, fingerprint: str, rows: Iterable[tuple[Any, ...]], *, run: str | None = None) -> None:
+        """Record several evaluations in one transaction: rows ``(program, result, status, seconds,
+        attempts)``, or with a sixth item, the rule's behaviour fingerprint (None: unknown)."""
         now = time.time()
         params = []
-        for program, result, status, seconds, attempts in rows:
+        for row in rows:
+            if len(row) not in (5, 6):
+                raise ValueError(f"a row is (program, result, status, seconds, attempts[, behaviour]), got {len(row)} items")
+            program, result, status, seconds, attempts = row[:5]
+            behaviour = row[5] if len(row) == 6 else None
             if status not in STATUSES:
                 raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
             if not isinstance(program, Program):
@@ -246,7 +283,8 @@ class Store:
             params.append(dict(fingerprint=fingerprint, key=program.canonical_key, program=str(program),
                                tokens=json.dumps(list(program.tokens)), status=status,
                                reward=float(result.reward), metrics=_dumps(result.metrics),
-                               error=result.error, seconds=seconds, attempts=int(attempts), run=run, now=now))
+                               error=result.error, seconds=seconds, attempts=int(attempts), run=run, now=now,
+                               behaviour=behaviour))
         if not params:
             return
         self._check_writable()
@@ -293,6 +331,23 @@ class Store:
                    f"AND status IN ({','.join('?' * len(st))})")
             for rec in self._select(sql, [fingerprint, *chunk, *st]):
                 out[rec.key] = rec
+        return out
+
+    def get_by_behaviour(self, fingerprint: str, behaviours: Sequence[str], *,
+                         statuses: Sequence[str] = ("ok",)) -> dict[str, Record]:
+        """For each of ``behaviours`` (probe fingerprints) found under the task ``fingerprint``
+        with one of ``statuses``: the first such record stored, by behaviour."""
+        out: dict[str, Record] = {}
+        behaviours = list(dict.fromkeys(behaviours))
+        if not behaviours or not self._has_behaviour:
+            return out
+        st = list(statuses)
+        for start in range(0, len(behaviours), 500):
+            chunk = behaviours[start:start + 500]
+            sql = (f"SELECT * FROM evaluations WHERE fingerprint = ? AND behaviour IN "
+                   f"({','.join('?' * len(chunk))}) AND status IN ({','.join('?' * len(st))}) ORDER BY created")
+            for rec in self._select(sql, [fingerprint, *chunk, *st]):
+                out.setdefault(rec.behaviour, rec)  # type: ignore[arg-type]
         return out
 
     def records(self, fingerprint: str | None = None, status: str | None = None) -> list[Record]:
@@ -411,18 +466,19 @@ class Store:
                 records = self.records()
             finally:
                 self._conn.execute("COMMIT")
-        fields = ["task", *_COLUMNS]
+        columns = (*_COLUMNS, *_OPTIONAL_COLUMNS)
+        fields = ["task", *columns]
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             if suffix == ".jsonl":
                 for r in records:
-                    row = {"task": names.get(r.fingerprint), **{c: getattr(r, c) for c in _COLUMNS}}
+                    row = {"task": names.get(r.fingerprint), **{c: getattr(r, c) for c in columns}}
                     row["tokens"] = list(r.tokens)
                     f.write(_dumps(row) + "\n")
             else:
                 writer = csv.writer(f)
                 writer.writerow(fields)
                 for r in records:
-                    row = {"task": names.get(r.fingerprint), **{c: getattr(r, c) for c in _COLUMNS}}
+                    row = {"task": names.get(r.fingerprint), **{c: getattr(r, c) for c in columns}}
                     row["tokens"] = " ".join(r.tokens)
                     row["metrics"] = _dumps(r.metrics)
                     writer.writerow(["" if row[c] is None else row[c] for c in fields])

@@ -39,6 +39,14 @@ def test_paper_preset_is_section_4_2():
     assert PRESETS["ci"].child_images <= 4_000
 
 
+def test_cpu_preset_and_the_fixed_presets_fields():
+    cpu, fast = PRESETS["cpu"], PRESETS["fast"]
+    assert cpu.child_images == 5 * 1_000 + 16_000 < fast.child_images / 3 and cpu.lrs == fast.lrs
+    assert (cpu.train_epochs, cpu.val_examples, cpu.batch_size) == (1, 2_000, 50)
+    for name, p in PRESETS.items():  # multi-fidelity fields stay out of the fixed presets' fingerprints
+        assert not p.multi_fidelity and "schedule" not in p.to_dict() and p.schedule == "fixed", name
+
+
 def test_protocol_from_dict_and_yaml(tmp_path):
     assert Protocol.from_dict({"preset": "ci", "train_epochs": 3}) == Protocol.preset("ci", train_epochs=3)
     path = tmp_path / "proto.yaml"
@@ -93,6 +101,8 @@ def test_ci_preset_scores_known_optimizers_above_chance_and_an_exploding_rule_ze
     assert adam.metrics["lr"] == 1e-3 and sgd.metrics["lr"] == 0.1  # the sweep picks sensible rates
     assert boom.reward == 0.0 and boom.metrics["diverged"] is True
     assert all(v is None for v in boom.metrics["sweep"].values())
+    # what was trained: the sweep only, as no rate is left for the final training
+    assert boom.metrics["child_images"] == 2 * 1_000 and boom.metrics["fidelity"] == adam.metrics["fidelity"] == "full"
     assert seconds < 60, f"the ci preset should take seconds on a CPU, took {seconds:.0f}s"
 
 
@@ -180,6 +190,26 @@ def test_grouped_training_matches_one_by_one_training_b4_fp32(ds):
     # the four rules really trained four different networks
     spread = (flats[0] - flats[1]).abs().mean() / flats[0].abs().mean()
     assert spread > 0.1
+
+
+@pytest.mark.parametrize("text, lr", [("drop(g, 0.3) * exp(sign(g) * sign(m))", 0.1), ("g + noise", 0.1),
+                                      ("drop(ADAM, 0.1)", 1e-2)])
+def test_a_stochastic_child_draws_the_same_alone_and_in_a_group(ds, text, lr):
+    """train_child (NOSOptimizer on a ChildNet) and train_children (BatchedRule on the flat
+    layout) draw the same numbers: a drop leaves the same weights untouched, and noise moves
+    them by the same amounts (a different draw moves them by ~lr * 0.01)."""
+    rule = parse(text)
+    train, val = ds.train.take(50), ds.val.take(50)  # one step: the two trainers agree to ~1e-7
+    group = train_children([SGD, rule, ADAM], [lr] * 3, train, val, epochs=1, batch_size=50)
+    _, net = train_child(rule, lr, train, val, epochs=1, batch_size=50)
+    grouped = group.net.flat[1].detach()
+    # mean, not max: ADAM's first step g / (|g| + eps) turns rounding in a ~1e-9 gradient into O(1)
+    assert float((net.flat() - grouped).abs().mean()) < 1e-6
+    if "drop" in text:
+        untouched = net.flat() == init_child(0)
+        assert bool(untouched.any()) and torch.equal(untouched, grouped == init_child(0))
+    _, other = train_child(rule, lr, train, val, epochs=1, batch_size=50, draw=1)  # another draw: other numbers
+    assert float((other.flat() - grouped).abs().mean()) > 1e-4
 
 
 def test_a_diverging_child_does_not_disturb_its_group(ds):

@@ -232,7 +232,8 @@ def test_store_hits_skip_training_and_fingerprints_keep_tasks_apart(tmp_path):
         first = ev.evaluate([SGD, ADAM])
     with Evaluator(BowlTask(), backend="serial", store=path) as ev:  # a second run on the same store
         again = ev.evaluate([ADAM, SGD, POWERSIGN])
-        assert ev.stats == {"computed": 1, "memory_hits": 0, "store_hits": 2, "failed": 0, "retried": 0}
+        assert ev.stats == {"computed": 1, "memory_hits": 0, "store_hits": 2, "fingerprint_hits": 0, "screened": 0,
+                            "failed": 0, "retried": 0}
     assert [r.cached for r in again] == [True, True, False]
     assert again[0].reward == first[1].reward and again[1].reward == first[0].reward
     with Evaluator(BowlTask(sleepy=("noise",)), backend="serial", store=path) as ev:  # another setup

@@ -110,6 +110,47 @@ def test_state_dict_round_trip_resumes_exactly():
     torch.testing.assert_close(torch.cat([p.detach().flatten() for p in model2.parameters()]), full[-1], rtol=0, atol=0)
 
 
+def test_state_dict_keeps_the_stream_and_reads_old_checkpoints():
+    model = _model()
+    opt = NOSOptimizer(model.parameters(), rule="g + noise", lr=0.01, seed=5, draw=2)
+    sd = opt.state_dict()
+    assert sd["stream"] == {"seed": 5, "draw": 2}
+    other = NOSOptimizer(_model().parameters(), rule="g + noise", lr=0.01)
+    other.load_state_dict(sd)
+    assert other.stream_seed == opt.stream_seed
+    old = dict(sd)
+    del old["stream"]
+    old["generator_states"] = {"cpu": torch.Generator().get_state()}  # semantics version 2's checkpoints
+    other.load_state_dict(old)
+
+
+@pytest.mark.parametrize("rule", ["drop(g, 0.3) * exp(sign(g) * sign(m))", "g + noise", "drop(ADAM, 0.1)"])
+def test_a_model_draws_as_its_parameters_laid_end_to_end_in_one_batched_row(rule):
+    """NOSOptimizer's element index is the entry's offset over all parameters in order: the
+    parameters of several tensors draw what one flat BatchedRule row draws (the convention
+    that makes train_child and the grouped train_children agree)."""
+    from nos_gym.rules import BatchedRule
+
+    model = _model()
+    flat0 = torch.cat([p.detach().flatten() for p in model.parameters()])
+    opt = NOSOptimizer(model.parameters(), rule=rule, lr=0.01, seed=3, draw=1)
+    batched = BatchedRule([parse(rule)], seeds=[opt.stream_seed])
+    w, state = flat0.clone().view(1, -1), None
+    state = batched.init(w)
+    for _ in range(10):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(_X), _Y).backward()
+        grad = torch.cat([p.grad.flatten() for p in model.parameters()]).view(1, -1)
+        d, state = batched.update(state, grad, w)
+        # the same gradients: the flat row follows the model's own weights
+        w = torch.cat([p.detach().flatten() for p in model.parameters()]).view(1, -1)
+        opt.step()
+        expected = w - 0.01 * d
+        got = torch.cat([p.detach().flatten() for p in model.parameters()]).view(1, -1)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-15)
+        w = got
+
+
 def test_nos_powersign_string_equals_the_powersign_optimizer():
     a, _ = _trajectory(lambda p: NOSOptimizer(p, rule="g * exp(sign(g) * sign(m))", lr=0.01))
     b, _ = _trajectory(lambda p: PowerSign(p, lr=0.01))

@@ -14,8 +14,14 @@ pytestmark = pytest.mark.numerics
 
 
 def _random_deterministic_programs(n: int, depth: int, seed: int) -> list[Program]:
-    """Distinct random valid programs without drop/noise (whose draws depend on batch layout)."""
+    """Distinct random valid programs without drop/noise."""
     return Masker(get_space("extended"), depth).sample_many(n, seed, distinct=True, deterministic=True)
+
+
+def _random_stochastic_programs(n: int, depth: int, seed: int) -> list[Program]:
+    """Distinct random valid programs that draw (drop or noise)."""
+    many = Masker(get_space("extended"), depth).sample_many(8 * n, seed, distinct=True)
+    return [p for p in many if p.stochastic][:n]
 
 
 def _train(rule: BatchedRule, w0: torch.Tensor, steps: int = 25, lr: float = 1e-2) -> torch.Tensor:
@@ -96,19 +102,23 @@ def test_only_the_averages_a_rule_reads_are_kept():
 def test_drop_zeroes_the_documented_fraction_reproducibly():
     w = torch.zeros(3, 20_000)
     g = torch.ones(3, 20_000)
-    rule = BatchedRule([parse("drop(g, 0.1)"), parse("drop(g, 0.3)"), parse("drop(g, 0.5)")],
-                       generator=torch.Generator().manual_seed(7))
+    rule = BatchedRule([parse("drop(g, 0.1)"), parse("drop(g, 0.3)"), parse("drop(g, 0.5)")], seed=7)
     d, _ = rule.update(rule.init(w), g, w)
     zero_fraction = (d == 0).float().mean(dim=1)
     torch.testing.assert_close(zero_fraction, torch.tensor([0.1, 0.3, 0.5]), atol=0.015, rtol=0)
     assert set(d.unique().tolist()) == {0.0, 1.0}  # no rescaling of kept entries
-    again = BatchedRule(rule.programs, generator=torch.Generator().manual_seed(7))
+    again = BatchedRule(rule.programs, seed=7)
     d2, _ = again.update(again.init(w), g, w)
     assert torch.equal(d, d2)
+    # the old interface: a generator stands for its seed
+    old = BatchedRule(rule.programs, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(old.update(old.init(w), g, w)[0], d)
+    other = BatchedRule(rule.programs, seed=8)
+    assert not torch.equal(other.update(other.init(w), g, w)[0], d)
 
 
 def test_noise_is_a_small_fresh_gaussian():
-    rule = BatchedRule([parse("noise")], generator=torch.Generator().manual_seed(0))
+    rule = BatchedRule([parse("noise")], seed=0)
     w = torch.zeros(1, 50_000)
     state = rule.init(w)
     d1, state = rule.update(state, w, w)
@@ -141,8 +151,7 @@ def test_rules_of_different_depths_batch_together():
 def test_each_read_of_noise_is_a_fresh_draw_as_in_the_optimizer():
     # noise - noise is not 0: the batched executor draws per read, like apply_rule does
     w = torch.zeros(3, 1000)
-    rule = BatchedRule([parse("noise - noise"), parse("g"), parse("noise")],
-                       generator=torch.Generator().manual_seed(0))
+    rule = BatchedRule([parse("noise - noise"), parse("g"), parse("noise")], seed=0)
     d, _ = rule.update(rule.init(w), torch.ones_like(w), w)
     assert abs(d[0].std().item() - math.sqrt(2) * Hyper().noise_std) < 1e-3
     assert torch.equal(d[1], torch.ones(1000))
@@ -153,7 +162,7 @@ def test_drop_zeroes_entries_even_infinite_ones_in_both_executors():
     from nos_gym.optim import NOSOptimizer
 
     g = torch.full((1, 4000), math.inf)
-    rule = BatchedRule([parse("drop(g, 0.5)")], generator=torch.Generator().manual_seed(0))
+    rule = BatchedRule([parse("drop(g, 0.5)")], seed=0)
     d, _ = rule.update(rule.init(g), g, torch.zeros_like(g))
     assert set(d.unique().tolist()) == {0.0, math.inf}
     w = torch.zeros(4000, requires_grad=True)
@@ -188,6 +197,94 @@ def test_batched_executor_equals_the_optimizer_executor_on_random_rules():
                 w.grad = 2 * w + 1.5 * torch.sin(3 * w) + 0.1 * torch.roll(w, 1, dims=-1)
             opt.step()
         assert torch.allclose(w.detach(), batched[i], rtol=1e-9, atol=1e-300, equal_nan=True), p.format()
+
+
+# --------------------------------------------------------------------- random draws
+def _trajectory_alone(program: Program, w0: torch.Tensor, seed: int, steps: int = 25, lr: float = 1e-2):
+    """``program`` run by NOSOptimizer on one tensor, as ``_train`` runs a BatchedRule row."""
+    from nos_gym.optim import NOSOptimizer
+
+    w = w0.clone().requires_grad_(True)
+    opt = NOSOptimizer([w], rule=program, lr=lr, seed=seed)
+    for _ in range(steps):
+        with torch.no_grad():
+            w.grad = 2 * w + 1.5 * torch.sin(3 * w) + 0.1 * torch.roll(w, 1, dims=-1)
+        opt.step()
+    return w.detach()
+
+
+@pytest.mark.parametrize("text", ["drop(g, 0.3) * exp(sign(g) * sign(m))", "g + noise", "drop(ADAM, 0.1)",
+                                  "noise - noise", "drop(noise, 0.5) + drop(g, 0.1)", "g * drop(g, 0.3)"])
+def test_both_executors_draw_the_same_numbers_for_a_stochastic_rule(text):
+    # same trajectory (to rounding: the optimizer applies lr * d as one fused add); a
+    # different draw would move the weights by about the noise or the dropped updates
+    torch.manual_seed(5)
+    w0 = torch.randn(1, 301, dtype=torch.float64)
+    program = parse(text)
+    from nos_gym.random_streams import stream_seed
+
+    batched = _train(BatchedRule([program], seeds=[stream_seed(9, program.canonical_key)]), w0)
+    alone = _trajectory_alone(program, w0[0], seed=9)
+    torch.testing.assert_close(alone, batched[0], rtol=1e-12, atol=1e-14)
+    other = _trajectory_alone(program, w0[0], seed=10)
+    assert (other - batched[0]).abs().max() > 1e-6  # the seed matters
+
+
+def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit, NaN equal to NaN."""
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def test_a_stochastic_rule_draws_the_same_in_any_batch_and_position():
+    programs = _random_stochastic_programs(40, 2, seed=3)
+    assert len(programs) == 40
+    torch.manual_seed(6)
+    w0 = torch.randn(1, 7, dtype=torch.float64).expand(40, 7)
+    batched = _train(BatchedRule(programs, seed=4), w0)
+    shuffled = list(reversed(programs))
+    reversed_batch = _train(BatchedRule(shuffled, seed=4), w0).flip(0)
+    alone = torch.cat([_train(BatchedRule([p], seed=4), w0[:1]) for p in programs[:8]])
+    assert _identical(batched, reversed_batch)
+    assert _identical(batched[:8], alone)
+    # and dropping rows (BatchedRule.select) keeps each row's stream
+    full = BatchedRule(programs, seed=4)
+    state, w = full.init(w0.clone()), w0.clone()
+    d_full, state = full.update(state, w, w)
+    part, part_state = full.select([5, 2], state)
+    assert part.seeds == (full.seeds[5], full.seeds[2])
+    d_part, _ = part.update(part_state, w[[5, 2]], w[[5, 2]])
+    d_next, _ = full.update(state, w, w)
+    assert torch.equal(d_part, d_next[[5, 2]])
+
+
+def test_equivalent_programs_draw_the_same_numbers():
+    # one canonical key, other token orders: the draw sites are numbered on the canonical form
+    pairs = [("drop(g, 0.3) * exp(sign(g) * sign(m))", "exp(sign(m) * sign(g)) * drop(g, 0.3)"),
+             ("g + noise", "noise + g"),
+             ("drop(m, 0.1) * drop(g, 0.5)", "drop(g, 0.5) * drop(m, 0.1)")]
+    torch.manual_seed(7)
+    w0 = torch.randn(2, 50, dtype=torch.float64)
+    for a, b in pairs:
+        pa, pb = parse(a), parse(b)
+        assert pa.canonical_key == pb.canonical_key and pa.tokens != pb.tokens
+        ra, rb = _train(BatchedRule([pa, pa], seed=1), w0), _train(BatchedRule([pb, pb], seed=1), w0)
+        torch.testing.assert_close(ra, rb, rtol=1e-12, atol=1e-14, msg=a)
+
+
+def test_draw_sites_are_numbered_on_the_canonical_form():
+    from nos_gym.rule_plan import UNUSED_SITE, _canonical_tagged, _tagged_tree, _untagged, draw_sites
+
+    assert draw_sites(parse("g + noise")) == {1: 0}
+    assert draw_sites(parse("noise + g")) == {0: 0}
+    assert draw_sites(parse("noise - noise")) == {0: 0, 1: 1}
+    # drop(m) sorts before drop(g)... by the canonical key: "drop0.1(m)" < "drop0.5(g)"
+    assert draw_sites(parse("drop(g, 0.5) * drop(m, 0.1)")) == {2: 1, 3: 0}
+    keep = Program(("noise", "g", "drop0.3", "drop0.1", "keep"))  # the right side is never read
+    assert draw_sites(keep) == {0: 1, 2: 0, 3: UNUSED_SITE + 3}
+    # the tagged canonical form is canonical.py's, tags aside, on thousands of random programs
+    for depth in (1, 2, 3):
+        for p in Masker(get_space("extended"), depth).sample_many(2000, depth):
+            assert _untagged(_canonical_tagged(_tagged_tree(p))) == p.canonical_tree, p.format()
 
 
 # ------------------------------------------------------------------------ the step plan

@@ -215,8 +215,9 @@ def test_every_agent_resumes_where_it_stopped(agent, tmp_path):
     module.main(["--resume", str(tmp_path / "part"), "--total-rules", "40"])
     resumed, reference = read_log(tmp_path / "part"), read_log(tmp_path / "full")
     assert strings(resumed) == strings(reference)
-    fresh = [r["key"] for r in resumed if not r["cached"]]
-    assert len(fresh) == len(set(fresh)) == len({r["key"] for r in resumed})
+    # each distinct rule settled once (trained or by the evaluator's funnel), then read back
+    settled = [r["key"] for r in resumed if r["source"] in ("trained", "fingerprint", "screen")]
+    assert len(settled) == len(set(settled)) == len({r["key"] for r in resumed})
 
 
 def test_rosenbrock_config_is_the_default_run(trpo):

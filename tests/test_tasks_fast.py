@@ -162,6 +162,33 @@ def test_rosenbrock_rejects_bad_options_clearly():
         RosenbrockTask(dtype="float16")
 
 
+def test_a_stochastic_rule_scores_the_mean_of_its_draws():
+    task = RosenbrockTask(iterations=300, draws=3)
+    rule = parse("drop(ADAM, 0.1)")
+    (r,) = task.evaluate([rule])
+    assert r.metrics["draws"] == 3 and len(r.metrics["draw_rewards"]) == 3
+    assert r.reward == pytest.approx(sum(r.metrics["draw_rewards"]) / 3, rel=1e-15)
+    # draw j is the rule run with stream seed stream_seed(seed, key, j), whoever asks
+    by_hand = task._evaluate_draws([rule] * 3, [0, 1, 2])
+    assert [x.reward for x in by_hand] == r.metrics["draw_rewards"]
+    assert r.metrics["best_loss"] == by_hand[0].metrics["best_loss"]  # the metrics are draw 0's
+    assert len(set(r.metrics["draw_rewards"])) == 3
+    # the first draws do not change with the number of draws
+    assert RosenbrockTask(iterations=300, draws=1).evaluate([rule])[0].reward == r.metrics["draw_rewards"][0]
+    # a deterministic rule is run once; another task seed gives other draws
+    assert task.evaluate([parse("ADAM")])[0].metrics["draw_rewards"] == [task.evaluate([parse("ADAM")])[0].reward]
+    assert RosenbrockTask(iterations=300, draws=3, seed=1).evaluate([rule])[0].metrics["draw_rewards"] != \
+        r.metrics["draw_rewards"]
+
+
+def test_draws_is_a_fingerprinted_option():
+    assert RosenbrockTask(draws=2).fingerprint != RosenbrockTask(draws=3).fingerprint
+    assert QuadraticTask(draws=2).fingerprint != QuadraticTask(draws=1).fingerprint
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="draws"):
+            RosenbrockTask(draws=bad)
+
+
 # -------------------------------------------------------------------------- quadratic
 def test_quadratic_scores_learning_rules_and_is_batch_independent():
     task = QuadraticTask()

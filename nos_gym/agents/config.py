@@ -107,6 +107,12 @@ class RunArgs:
     ray_address: str = ""
     """Ray cluster to evaluate on (backend ray), e.g. auto or ray://host:10001; empty: $RAY_ADDRESS, else a
     local Ray"""
+    fingerprints: bool = True
+    """evaluator funnel: a deterministic rule whose behaviour on a fixed probe equals a scored rule's
+    shares its score (nos_gym/evaluation/probe.py)"""
+    screen: bool = True
+    """evaluator funnel: a rule degenerate on the probe (non-finite, zero, blind to the gradient,
+    never a descent direction) gets the task's floor score untrained"""
     top_k: int = 10
     # --- this process -------------------------------------------------------------------
     torch_threads: int = 1

@@ -575,7 +575,8 @@ class Run:
                 if store is not None and store != ":memory:":
                     Path(store).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
                 self._evaluator = Evaluator(a.task, backend=a.backend, store=store, run=self.name,
-                                            timeout=a.eval_timeout, address=a.ray_address or None, **a.task_options)
+                                            timeout=a.eval_timeout, address=a.ray_address or None,
+                                            fingerprints=a.fingerprints, screen=a.screen, **a.task_options)
             except ConnectionError as e:
                 raise RunError(f"backend {a.backend!r}: cannot connect to {a.ray_address or '$RAY_ADDRESS'}: "
                                f"{_one_line(e)}; check --ray-address{self._then()}") from None
@@ -618,7 +619,8 @@ class Run:
         for i, (info, reward) in enumerate(zip(infos, rewards)):
             new.append({"sample": len(self.records) + i, "batch": int(batch), "reward": float(reward),
                         "rule": info["rule"], "key": info["canonical_key"], "tokens": list(info["tokens"]),
-                        "cached": bool(info.get("cached", False)), "error": info.get("error"),
+                        "cached": bool(info.get("cached", False)), "source": info.get("source", "trained"),
+                        "error": info.get("error"),
                         "metrics": _jsonable(info.get("metrics", {})), "time": round(now, 3)})
         data = b"".join((json.dumps(rec) + "\n").encode() for rec in new)
         try:

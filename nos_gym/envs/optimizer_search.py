@@ -171,7 +171,7 @@ def onehot(tokens_obs: np.ndarray, V: int) -> np.ndarray:
 
 
 #: the keys of a finished episode's info, besides ``action_mask`` and ``projected``
-TERMINAL_KEYS = ("tokens", "rule", "canonical_key", "metrics", "cached", "error")
+TERMINAL_KEYS = ("tokens", "rule", "canonical_key", "metrics", "cached", "error", "source")
 
 
 def terminal_info(program: Program, result: Result) -> dict[str, Any]:
@@ -183,6 +183,7 @@ def terminal_info(program: Program, result: Result) -> dict[str, Any]:
         "metrics": copy.deepcopy(result.metrics),
         "cached": bool(result.cached),
         "error": result.error,
+        "source": getattr(result, "source", "trained"),
     }
     assert tuple(info) == TERMINAL_KEYS
     return info
@@ -236,7 +237,11 @@ class OptimizerSearchEnv(gym.Env[np.ndarray, np.int64]):
     finished program, in [0, 1]. A rule whose training produces NaN or inf scores 0 (the
     task and ``Result`` clamp it; nothing is raised). Scores go through an ``Evaluator``,
     which caches them by canonical program key: ``info["cached"]`` says when a score was
-    reused.
+    reused, and ``info["source"]`` where it came from (the Evaluator's funnel): "trained",
+    "cache", "store", "fingerprint" (the score of a rule that behaves identically on the
+    probe, named in ``metrics["equivalent_to"]``) or "screen" (a degenerate rule -- NaN/inf,
+    zero, ignoring the gradient or never descending on the probe -- given the task's
+    ``screen_score()`` untrained; ``error`` says why).
 
     ## Starting State
 
@@ -247,8 +252,8 @@ class OptimizerSearchEnv(gym.Env[np.ndarray, np.int64]):
 
     The episode terminates after exactly ``5n`` steps, when the program is complete.
     It never truncates. The terminal ``info`` holds ``tokens`` (token names), ``rule``
-    (paper notation), ``canonical_key``, ``metrics`` (the task's), ``cached`` and ``error``
-    (None or why the rule scored 0). Stepping a finished episode raises: call ``reset()``.
+    (paper notation), ``canonical_key``, ``metrics`` (the task's), ``cached``, ``error``
+    (None or why the rule scored 0 or was screened) and ``source``. Stepping a finished episode raises: call ``reset()``.
 
     ## Arguments
 

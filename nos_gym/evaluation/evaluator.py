@@ -1,9 +1,22 @@
 """``Evaluator``: scores programs on a task through a pool, never scoring one rule twice.
 
-The data flow is env/agent -> Evaluator -> Task. Every score is keyed by (task
-fingerprint, canonical program key), so strings that denote one rule are scored once:
-first an in-memory cache, then the optional ``Store`` (SQLite, shared by runs and
-surviving kills), and only then a job for a worker.
+The data flow is env/agent -> Evaluator -> Task. A program goes down a funnel, each stage
+cheaper than the next (DESIGN.md, "The evaluator's funnel"):
+
+1. its canonical key: a score of this rule in memory ("cache") or in the ``Store`` ("store");
+2. its behaviour fingerprint on the probe (``nos_gym.evaluation.probe``): an equivalent
+   rule already scored (in memory or in the store) or being scored now, in this batch or an
+   earlier one, gives its score ("fingerprint", ``metrics["equivalent_to"]`` names it);
+3. the screen: a rule degenerate on the probe (NaN/inf, zero, ignoring the gradient,
+   never descending) gets ``task.screen_score()`` untrained ("screen", ``metrics["screen"]``
+   and ``error`` say why);
+4. the task: a job for a worker ("trained").
+
+``Result.source`` says which stage gave a score. Scores are keyed by the task fingerprint
+and compared only within it (fingerprints too). Stages 2 and 3 are on by default
+(``fingerprints=True, screen=True``); a task opts out with ``supports_probe = False``
+(both) or a ``screen_score()`` of None (screen only). Only trained rules are stored
+(with their behaviour); the others are derived again cheaply on the next run.
 
 Two ways to use it:
 
@@ -28,8 +41,9 @@ from __future__ import annotations
 import itertools
 import os
 import uuid
+import warnings
 from collections import OrderedDict, deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, Sequence
 
 from nos_gym.dsl import Program
@@ -56,6 +70,8 @@ class _Pending:
 
     program: Program
     tickets: list[int]
+    #: keys of equivalent rules (same behaviour fingerprint) waiting for this one's score
+    followers: list[str] = field(default_factory=list)
 
 
 class Evaluator:
@@ -78,12 +94,15 @@ class Evaluator:
         address: Ray cluster address (ray backend).
         ray_init: extra ``ray.init`` arguments when the Evaluator starts Ray itself.
         run: a name for this run, recorded with each stored evaluation.
+        fingerprints: share one score between rules of one behaviour fingerprint (funnel stage 2).
+        screen: give rules degenerate on the probe the task's ``screen_score()`` untrained (stage 3).
     """
 
     def __init__(self, task: str | Task, backend: str = "auto", *, store: Store | str | os.PathLike | None = None,
                  workers: int | None = None, threads_per_worker: int | None = None, timeout: float | None = 3600.0,
                  max_retries: int = 2, job_size: int | None = None, address: str | None = None,
-                 ray_init: dict[str, Any] | None = None, run: str | None = None, **task_options: Any):
+                 ray_init: dict[str, Any] | None = None, run: str | None = None, fingerprints: bool = True,
+                 screen: bool = True, **task_options: Any):
         self.task = make(task, **task_options)
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose from {list(BACKENDS)}")
@@ -97,6 +116,8 @@ class Evaluator:
         self.timeout = timeout
         self.run = run or uuid.uuid4().hex[:12]
         self.fingerprint = self.task.fingerprint
+        self.use_fingerprints = bool(fingerprints)
+        self.use_screen = bool(screen)
         self._own_store = not isinstance(store, Store) and store is not None
         self.store = Store(store) if self._own_store else store
         if self.store is not None:
@@ -111,12 +132,18 @@ class Evaluator:
                                            address, ray_init)
         self._cache: dict[str, Result] = {}
         self._pending: dict[str, _Pending] = {}
+        # behaviour fingerprint -> (key, program) of the rule whose score it shares (scored or being scored)
+        self._behaviours: dict[str, tuple[str, Program]] = {}
+        # key being trained -> its behaviour fingerprint (stored with the result)
+        self._behaviour_of: dict[str, str] = {}
+        self._floor: tuple[float | None] | None = None  # the task's screen_score(), asked once
         self._queue: deque[Job] = deque()
         self._inflight = 0
         self._completed: OrderedDict[int, Completed] = OrderedDict()
         self._tickets = itertools.count()
         self._jobs = itertools.count()
-        self.stats = {"computed": 0, "memory_hits": 0, "store_hits": 0, "failed": 0, "retried": 0}
+        self.stats = {"computed": 0, "memory_hits": 0, "store_hits": 0, "fingerprint_hits": 0, "screened": 0,
+                      "failed": 0, "retried": 0}
 
     @property
     def pool(self) -> Backend:
@@ -158,16 +185,20 @@ class Evaluator:
         for ticket, key, p in zip(tickets, keys, programs):
             if key in self._cache:
                 self.stats["memory_hits"] += 1
-                self._completed[ticket] = Completed(ticket, p, replace(self._cache[key], cached=True))
+                self._completed[ticket] = Completed(ticket, p, replace(self._cache[key], cached=True, source="cache"))
             elif key in self._pending:
                 self._pending[key].tickets.append(ticket)
             elif key in stored:
                 self.stats["store_hits"] += 1
-                self._cache[key] = stored[key].result()
+                rec = stored[key]
+                self._cache[key] = rec.result()
+                if rec.behaviour is not None:
+                    self._behaviours.setdefault(rec.behaviour, (key, rec.as_program()))
                 self._completed[ticket] = Completed(ticket, p, self._cache[key])
             else:
                 self._pending[key] = _Pending(p, [ticket])
                 fresh.append(p)
+        fresh = self._funnel(fresh)
         size = self.job_size or max(1, len(fresh))
         for start in range(0, len(fresh), size):
             chunk = fresh[start:start + size]
@@ -175,6 +206,89 @@ class Evaluator:
             self._queue.append(Job(next(self._jobs), chunk, time_limit=limit))
         self._pump()
         return tickets
+
+    def _funnel(self, fresh: list[Program]) -> list[Program]:
+        """Stages 2 and 3 for rules not known by key (each already in ``_pending``): resolve
+        those an equivalent rule or the screen settles; return the rest, to be trained."""
+        if not fresh or not (self.use_fingerprints or self.use_screen) or not getattr(self.task, "supports_probe", True):
+            return fresh
+        from nos_gym.evaluation.probe import probe  # torch: imported when first needed
+
+        try:
+            probes = probe(fresh)
+        except Exception as e:  # a probe bug must not stop a search: train these rules instead
+            warnings.warn(f"the probe failed ({type(e).__name__}: {e}); {len(fresh)} rules are trained "
+                          f"without the fingerprint and screen stages", RuntimeWarning, stacklevel=3)
+            return fresh
+        stored = {}
+        if self.use_fingerprints and self.store is not None:
+            wanted = [pr.fingerprint for p, pr in zip(fresh, probes)
+                      if not p.stochastic and pr.fingerprint not in self._behaviours]
+            stored = self.store.get_by_behaviour(self.fingerprint, wanted) if wanted else {}
+        train: list[Program] = []
+        for p, pr in zip(fresh, probes):
+            key, fp = p.canonical_key, pr.fingerprint
+            # only deterministic rules share a score: a stochastic rule's draws come from its own
+            # stream (task seed, canonical key), so an equivalent rule's score would be other draws
+            # of the same distribution, and which one came first would decide the score
+            merge = self.use_fingerprints and not p.stochastic
+            if merge:
+                known = self._behaviours.get(fp)
+                if known is None and fp in stored:
+                    rec = stored[fp]
+                    known = self._behaviours[fp] = (rec.key, rec.as_program())
+                    self._cache.setdefault(rec.key, rec.result())
+                if known is not None:
+                    rep_key, rep_program = known
+                    if rep_key in self._cache:
+                        self.stats["fingerprint_hits"] += 1
+                        self._resolve(key, _shared(self._cache[rep_key], rep_program), remember=True)
+                        continue
+                    if rep_key in self._pending:  # being scored: share its result when it comes
+                        self.stats["fingerprint_hits"] += 1
+                        self._pending[rep_key].followers.append(key)
+                        continue
+            if self.use_screen and pr.screen is not None:
+                floor = self._screen_score()
+                if floor is not None:
+                    self.stats["screened"] += 1
+                    result = Result(floor, {"screen": pr.screen}, error=f"screened: {pr.reason}",
+                                    source="screen")
+                    self._resolve(key, result, remember=True)
+                    continue
+            if merge:  # stored beside the score, so later runs find it by behaviour
+                self._behaviour_of[key] = fp
+                self._behaviours[fp] = (key, p)
+            train.append(p)
+        return train
+
+    def _screen_score(self) -> float | None:
+        """The task's score for a screened rule, asked once (None: the task screens nothing)."""
+        if self._floor is None:
+            try:
+                score = self.task.screen_score()
+                self._floor = (None if score is None else float(score),)
+            except Exception as e:  # e.g. the data for it is missing: screen nothing, train instead
+                warnings.warn(f"{self.task.name}: screen_score() failed ({type(e).__name__}: {e}); "
+                              f"degenerate rules are trained", RuntimeWarning, stacklevel=4)
+                self._floor = (None,)
+        return self._floor[0]
+
+    def _resolve(self, key: str, result: Result, *, remember: bool) -> None:
+        """Complete every ticket waiting for ``key`` with ``result`` (the first as is, the rest as cache hits)."""
+        pending = self._pending.pop(key)
+        if remember:
+            self._cache[key] = result
+            if self.store is not None and result.source in ("fingerprint", "screen"):
+                # settled without training, and recorded all the same: the store then holds every
+                # rule a search saw, under its own key (a later run reads it back as a store hit)
+                self.store.put(self.fingerprint, pending.program, result, seconds=0.0, attempts=0, run=self.run)
+        first, *rest = pending.tickets
+        self._completed[first] = Completed(first, pending.program, result)
+        for t in rest:
+            self._completed[t] = Completed(t, pending.program, replace(result, cached=True, source="cache"))
+        for follower in pending.followers:  # equivalent rules that waited for this one
+            self._resolve(follower, _shared(result, pending.program), remember=remember)
 
     def poll(self, timeout: float | None = 0.0) -> list[Completed]:
         """Evaluations finished since the last poll, waiting up to ``timeout`` s for one (None: until one).
@@ -240,18 +354,16 @@ class Evaluator:
             self.stats["failed"] += n
             results = [Result(0.0, {"status": outcome.status, "attempts": outcome.attempts}, outcome.error)] * n
             statuses = [outcome.status] * n
+        behaviours = [self._behaviour_of.pop(p.canonical_key, None) for p in job.programs]
         if self.store is not None:
-            self.store.put_many(self.fingerprint, [(p, r, s, outcome.seconds / n, outcome.attempts)
-                                                   for p, r, s in zip(job.programs, results, statuses)], run=self.run)
-        for p, result, status in zip(job.programs, results, statuses):
-            key = p.canonical_key
-            pending = self._pending.pop(key)
-            if status in _REMEMBERED:
-                self._cache[key] = result
-            first, *rest = pending.tickets
-            self._completed[first] = Completed(first, pending.program, result)
-            for t in rest:
-                self._completed[t] = Completed(t, pending.program, replace(result, cached=True))
+            self.store.put_many(self.fingerprint, [(p, r, s, outcome.seconds / n, outcome.attempts, b)
+                                                   for p, r, s, b in zip(job.programs, results, statuses, behaviours)],
+                                run=self.run)
+        for p, result, status, fp in zip(job.programs, results, statuses, behaviours):
+            remember = status in _REMEMBERED
+            if not remember and fp is not None and self._behaviours.get(fp, (None,))[0] == p.canonical_key:
+                del self._behaviours[fp]  # a failed rule is no one's representative: the next equivalent trains
+            self._resolve(p.canonical_key, result, remember=remember)
 
     def close(self) -> None:
         """Stop the workers (and Ray if this Evaluator started it); close a store it opened."""
@@ -276,3 +388,9 @@ class Evaluator:
 
     def __repr__(self) -> str:
         return f"Evaluator({self.task!r}, backend={self.backend!r}, job_size={self.job_size})"
+
+
+def _shared(result: Result, program: Program) -> Result:
+    """``result`` given to a rule equivalent to ``program`` (one behaviour fingerprint), saying so."""
+    metrics = {**result.metrics, "equivalent_to": program.format(), "equivalent_key": program.canonical_key}
+    return replace(result, metrics=metrics, cached=True, source="fingerprint")

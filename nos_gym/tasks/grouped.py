@@ -22,8 +22,10 @@ rules stay in fp32.
 
 In fp32 the grouped network computes what B separate ``ChildNet`` s trained with
 ``NOSOptimizer`` compute, up to float rounding (tests/test_convnet.py checks B=4).
-Rules with ``drop``/``noise`` draw their randomness for the whole group at once, so they
-match their lone runs in distribution only.
+Rules with ``drop``/``noise`` draw from their own streams (``nos_gym.random_streams``):
+child i's draws depend on its stream seed (``stream_seeds[i]``) and not on the group, and
+a lone ``ChildNet`` trained by ``NOSOptimizer`` with that rule, seed and draw draws the same
+numbers (its parameters laid end to end are the row's layout).
 """
 
 from __future__ import annotations
@@ -112,7 +114,12 @@ class GroupedConvNet(nn.Module):
 
 
 class GroupResult(NamedTuple):
-    """Per child (CPU tensors of shape (B,)): validation accuracy, diverged, last training loss."""
+    """Per child (CPU tensors of shape (B,)): validation accuracy, diverged, last training loss.
+
+    ``rule``, ``state`` and ``alive`` (B, 1) are where training stopped: with ``net`` they let
+    ``train_children(..., resume=result.select(rows))`` continue some of the children
+    (successive halving, ``nos_gym.tasks.fidelity``).
+    """
 
     accuracy: Tensor
     diverged: Tensor
@@ -120,6 +127,20 @@ class GroupResult(NamedTuple):
     steps: int
     child_images: int
     net: GroupedConvNet
+    rule: BatchedRule | None = None
+    state: RuleState | None = None
+    alive: Tensor | None = None
+
+    def select(self, rows: Sequence[int]) -> GroupResult:
+        """Children ``rows`` only (in that order), ready to be trained further with ``resume=``."""
+        rows = [int(i) for i in rows]
+        if self.rule is None or self.state is None or self.alive is None:
+            raise ValueError("this GroupResult holds no rule state to continue from")
+        rule, state = self.rule.select(rows, self.state)
+        index = torch.tensor(rows, dtype=torch.long)
+        return GroupResult(self.accuracy[index], self.diverged[index], self.loss[index], self.steps,
+                           self.child_images, self.net.select(rows), rule, state,
+                           self.alive[index.to(self.alive.device)].clone())
 
 
 def _autocast(device: torch.device, precision: str):
@@ -161,12 +182,21 @@ def train_step(net: GroupedConvNet, rule: BatchedRule, state: RuleState, lr: Ten
 def train_children(programs: Sequence[Program], lrs: Sequence[float] | Tensor, train: Split, val: Split, *,
                    epochs: int, batch_size: int, seed: int = 0, filters: int = 32, precision: str = "fp32",
                    hyper: Hyper = Hyper(), init: Tensor | None = None, channels_last: bool = True,
-                   check_every: int = 20) -> GroupResult:
+                   check_every: int = 20, steps: tuple[int, int] | None = None,
+                   resume: GroupResult | None = None, stream_seeds: Sequence[int] | None = None) -> GroupResult:
     """Train child i with ``programs[i]`` at ``lrs[i]`` on all of ``train``; all children at once.
 
     Every child starts from ``init`` (default ``init_child(seed)``) and sees the same
     minibatches (``batch_order(len(train), batch_size, epochs, seed)``); the result holds
-    each child's accuracy on ``val`` (0 for a diverged child).
+    each child's accuracy on ``val`` (0 for a diverged child). Child i's ``drop``/``noise``
+    draw from stream seed ``stream_seeds[i]`` (default: ``stream_seed(seed, key, 0)``, draw
+    0 of its rule, as ``train_child`` with the same seed).
+
+    ``steps=(start, stop)`` trains minibatches ``start`` to ``stop - 1`` of that order only;
+    ``resume`` (an earlier result, or ``result.select(rows)`` of one, for these ``programs``)
+    continues its children -- weights, batch-norm statistics, rule state, frozen children --
+    instead of starting from ``init``. Training steps ``(0, a)`` and then, resumed,
+    ``(a, b)`` computes what ``(0, b)`` does (successive halving, ``nos_gym.tasks.fidelity``).
     """
     b = len(programs)
     if b == 0:
@@ -174,18 +204,26 @@ def train_children(programs: Sequence[Program], lrs: Sequence[float] | Tensor, t
     if len(lrs) != b:
         raise ValueError(f"{b} programs but {len(lrs)} learning rates")
     device = train.images.device
-    init = (init if init is not None else init_child(seed, filters)).to(device)
-    net = GroupedConvNet(b, init, filters, channels_last).to(device).train()
     lr = torch.as_tensor(lrs, dtype=torch.float32, device=device).view(b, 1)
-    rule = BatchedRule(programs, hyper=hyper, generator=torch.Generator(device=device).manual_seed(int(seed)),
-                       device=device)
+    if resume is None:
+        init = (init if init is not None else init_child(seed, filters)).to(device)
+        net = GroupedConvNet(b, init, filters, channels_last).to(device).train()
+        rule = BatchedRule(programs, hyper=hyper, device=device, seed=int(seed), seeds=stream_seeds)
+        state = rule.init(net.flat.detach())
+        alive = torch.ones(b, 1, dtype=torch.bool, device=device)
+    else:  # continue where an earlier call stopped (successive halving)
+        if resume.rule is None or len(resume.rule) != b or list(resume.rule.programs) != list(programs):
+            raise ValueError("resume must be a GroupResult (or .select of one) of these programs, in this order")
+        net, rule, state = resume.net.train(), resume.rule, resume.state
+        alive = resume.alive.to(device).view(b, 1).clone()
     flat = net.flat
-    state = rule.init(flat.detach())
-    alive = torch.ones(b, 1, dtype=torch.bool, device=device)
     last_loss = torch.full((b,), float("nan"), device=device)
-    steps = 0
     # all minibatch indices in one copy: a host-to-GPU copy per step would stall the GPU's queue
-    order = torch.stack(batch_order(len(train), batch_size, epochs, seed)).to(device)
+    order = torch.stack(batch_order(len(train), batch_size, epochs, seed))
+    if steps is not None:
+        order = order[steps[0]:steps[1]]
+    order = order.to(device)
+    steps = 0
     for idx in order:
         # rules blow up early: look after steps 1, 2, 4, 8, ... and then every check_every steps
         # (each look is a host sync, which a GPU pays for)
@@ -200,7 +238,8 @@ def train_children(programs: Sequence[Program], lrs: Sequence[float] | Tensor, t
         acc, finite = torch.zeros(b, device=device), torch.zeros(b, dtype=torch.bool, device=device)
     diverged = ~(alive.view(b) & finite)
     acc = torch.where(diverged, 0.0, acc)
-    return GroupResult(acc.cpu(), diverged.cpu(), last_loss.cpu(), steps, steps * batch_size * b, net)
+    return GroupResult(acc.cpu(), diverged.cpu(), last_loss.cpu(), steps, steps * batch_size * b, net, rule, state,
+                       alive)
 
 
 @torch.no_grad()

@@ -18,6 +18,11 @@ the grid and ``loss_floor`` = 1e-6 (see ``nos_gym.tasks.grid.log_progress``).
 All B programs x L learning rates run as one ``(B * L, dim)`` computation: one
 ``BatchedRule``, programs of every depth together (shorter ones padded with pass-through
 groups to the deepest).
+
+A stochastic rule (``drop``, ``noise``) draws from its own stream, the same in any batch,
+and scores the mean of ``draws`` evaluations (default ``DRAWS``), draw j with stream seed
+``stream_seed(seed, canonical key, j)``, as on the Rosenbrock task (``metrics``: draw 0's,
+plus ``draws`` and ``draw_rewards``).
 """
 
 from __future__ import annotations
@@ -28,8 +33,14 @@ from typing import Any, Sequence
 import torch
 
 from nos_gym.dsl import Program
+from nos_gym.random_streams import stream_seed
 from nos_gym.rules import BatchedRule, Hyper
-from nos_gym.tasks.grid import LossGridTask
+from nos_gym.tasks.base import Result, check_draws, evaluate_draws
+from nos_gym.tasks.grid import LossGridTask, grid_results
+
+#: evaluations a stochastic rule's reward averages. 1, by measurement: the task's own
+#: gradient noise dominates, and a rule's draws move its reward by sd <= 0.004 (README)
+DRAWS = 1
 
 
 class QuadraticTask(LossGridTask):
@@ -43,6 +54,7 @@ class QuadraticTask(LossGridTask):
         learning_rates: the grid; the best final loss over it is scored.
         loss_floor: the loss that earns reward 1.
         seed: seeds the start, the noise sequence, ``drop`` and the rule's ``noise``.
+        draws: evaluations a stochastic rule's reward is the mean of.
     """
 
     name = "quadratic"
@@ -50,7 +62,7 @@ class QuadraticTask(LossGridTask):
 
     def __init__(self, dim: int = 100, condition: float = 1e3, noise_std: float = 0.01,
                  iterations: int = 300, learning_rates: Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0),
-                 loss_floor: float = 1e-6, seed: int = 0):
+                 loss_floor: float = 1e-6, seed: int = 0, draws: int = DRAWS):
         if int(dim) < 1 or int(iterations) < 1:
             raise ValueError(f"dim and iterations must be >= 1, got dim={dim}, iterations={iterations}")
         if not condition >= 1:
@@ -63,6 +75,7 @@ class QuadraticTask(LossGridTask):
         self.dim, self.condition, self.noise_std = int(dim), float(condition), float(noise_std)
         self.iterations, self.learning_rates = int(iterations), lrs
         self.seed = int(seed)
+        self.draws = check_draws(draws)
         gen = torch.Generator().manual_seed(self.seed)
         self.curvatures = torch.logspace(-math.log10(self.condition), 0.0, self.dim, dtype=torch.float64)
         self.optimum = torch.randn(self.dim, generator=gen, dtype=torch.float64)
@@ -76,22 +89,33 @@ class QuadraticTask(LossGridTask):
     def config(self) -> dict[str, Any]:
         return {"dim": self.dim, "condition": self.condition, "noise_std": self.noise_std,
                 "iterations": self.iterations, "learning_rates": list(self.learning_rates),
-                "loss_floor": self.loss_floor, "seed": self.seed}
+                "loss_floor": self.loss_floor, "seed": self.seed, "draws": self.draws}
 
     def loss(self, w: torch.Tensor) -> torch.Tensor:
         """``f`` of each row of ``w`` (shape (R, dim))."""
         diff = w - self.optimum
         return 0.5 * (diff * diff * self.curvatures).sum(dim=1)
 
-    def _grid_losses(self, programs: list[Program]) -> torch.Tensor:
-        return self.loss(self._run(programs)).view(len(programs), -1)
+    def evaluate(self, programs: Sequence[Program]) -> list[Result]:
+        return evaluate_draws(programs, self.draws, self._evaluate_draws)
+
+    def _evaluate_draws(self, programs: list[Program], draws: list[int]) -> list[Result]:
+        loss = self._grid_losses(programs, draws)
+        loss = torch.where(torch.isfinite(loss), loss, torch.full_like(loss, float("nan"))).double().numpy()
+        return grid_results(loss, self.learning_rates, self.score)
+
+    def _grid_losses(self, programs: list[Program], draws: Sequence[int] | None = None) -> torch.Tensor:
+        """``(B, L)`` final losses; ``draws``: each program's draw index (default: draw 0)."""
+        return self.loss(self._run(programs, draws)).view(len(programs), -1)
 
     @torch.inference_mode()  # no autograd bookkeeping: 15-20% off each of the step's small kernels
-    def _run(self, programs: list[Program]) -> torch.Tensor:
+    def _run(self, programs: list[Program], draws: Sequence[int] | None = None) -> torch.Tensor:
         L = len(self.learning_rates)
         rows = [p for p in programs for _ in range(L)]
         R = len(rows)
-        rule = BatchedRule(rows, Hyper(), generator=torch.Generator().manual_seed(self.seed))
+        draws = [0] * len(programs) if draws is None else draws
+        seeds = [stream_seed(self.seed, p.canonical_key, j) if p.stochastic else 0 for p, j in zip(programs, draws)]
+        rule = BatchedRule(rows, Hyper(), seeds=[s for s in seeds for _ in range(L)])
         params = self.start.repeat(R, 1)
         lr = torch.tensor(self.learning_rates, dtype=torch.float64).repeat(len(programs))
         lr = lr.view(R, 1).expand(R, self.dim).contiguous()

@@ -31,9 +31,12 @@ batched rule compiler, ``nos_gym.rules``); programs of different depths run toge
 it (shorter ones padded with pass-through groups to the deepest). Rows that diverge (NaN
 or inf parameters, which never come back) are dropped from the computation at steps 25,
 100, 400 and 1,600 (``BatchedRule.select``), which changes no other row's numbers.
-Everything is seeded (``seed`` drives ``drop`` and ``noise``), so a batch always gets the
-same scores. The draws of a stochastic rule depend on where it sits in its batch, so its
-score can differ slightly between two batches.
+
+**Stochastic rules** (``drop``, ``noise``): each row draws from the rule's own stream
+(``nos_gym.random_streams``), so a rule gets the same numbers alone, anywhere in any
+batch and on any backend. Its reward is the mean of ``draws`` evaluations (default
+``DRAWS``), draw j with stream seed ``stream_seed(seed, canonical key, j)``; ``metrics``
+are draw 0's, plus ``draws`` and ``draw_rewards``. A deterministic rule is run once.
 
 Also here: ``rosenbrock`` (the plain function, for floats, NumPy or torch) and
 ``RosenbrockTask.path`` (the iterates of one rule, for Figure-6 style plots).
@@ -49,13 +52,17 @@ import torch
 
 from nos_gym.dsl import Program
 from nos_gym.dsl.table1 import get_rule
+from nos_gym.random_streams import stream_seed
 from nos_gym.rules import BatchedRule, Hyper
-from nos_gym.tasks.grid import LossGridTask
+from nos_gym.tasks.base import Result, check_draws, evaluate_draws
+from nos_gym.tasks.grid import LossGridTask, grid_results
 
 START: tuple[float, float] = (-1.2 - math.sqrt(2.0) / 100, 1.0 + math.sqrt(3.0) / 100)
 LEARNING_RATES: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
 ITERATIONS = 4000
 LOSS_FLOOR = 1e-12
+#: evaluations a stochastic rule's reward averages (chosen by measurement: see README)
+DRAWS = 4
 #: the plotted region of Figure 6
 X_RANGE: tuple[float, float] = (-2.0, 2.0)
 Y_RANGE: tuple[float, float] = (-1.0, 3.0)
@@ -83,8 +90,9 @@ class RosenbrockTask(LossGridTask):
         start: the fixed starting point ``(x, y)``.
         a, b: the function's constants.
         loss_floor: the loss that earns reward 1 (the bottom of the log scale).
-        seed: seeds ``drop`` and ``noise``.
+        seed: seeds ``drop`` and ``noise`` (with the rule and the draw: ``stream_seed``).
         dtype: "float64" (default) or "float32".
+        draws: evaluations a stochastic rule's reward is the mean of.
     """
 
     name = "rosenbrock"
@@ -92,7 +100,7 @@ class RosenbrockTask(LossGridTask):
 
     def __init__(self, iterations: int = ITERATIONS, learning_rates: Sequence[float] = LEARNING_RATES,
                  start: tuple[float, float] = START, a: float = 1.0, b: float = 100.0,
-                 loss_floor: float = LOSS_FLOOR, seed: int = 0, dtype: str = "float64"):
+                 loss_floor: float = LOSS_FLOOR, seed: int = 0, dtype: str = "float64", draws: int = DRAWS):
         if int(iterations) < 1:
             raise ValueError(f"iterations must be >= 1, got {iterations}")
         lrs = tuple(float(lr) for lr in learning_rates)
@@ -112,21 +120,37 @@ class RosenbrockTask(LossGridTask):
         self.loss_floor = float(loss_floor)
         self.seed = int(seed)
         self.dtype = dtype
+        self.draws = check_draws(draws)
 
     def config(self) -> dict[str, Any]:
         return {"iterations": self.iterations, "learning_rates": list(self.learning_rates),
                 "start": list(self.start), "a": self.a, "b": self.b, "loss_floor": self.loss_floor,
-                "seed": self.seed, "dtype": self.dtype}
+                "seed": self.seed, "dtype": self.dtype, "draws": self.draws}
 
-    def _grid_losses(self, programs: list[Program]) -> torch.Tensor:
-        final = self._run(programs, self.learning_rates)[0]
+    def evaluate(self, programs: Sequence[Program]) -> list[Result]:
+        return evaluate_draws(programs, self.draws, self._evaluate_draws)
+
+    def _evaluate_draws(self, programs: list[Program], draws: list[int]) -> list[Result]:
+        loss = self._grid_losses(programs, draws)
+        loss = torch.where(torch.isfinite(loss), loss, torch.full_like(loss, float("nan"))).double().numpy()
+        return grid_results(loss, self.learning_rates, self.score)
+
+    def _grid_losses(self, programs: list[Program], draws: Sequence[int] | None = None) -> torch.Tensor:
+        """``(B, L)`` final losses; ``draws``: each program's draw index (default: draw 0)."""
+        final = self._run(programs, self.learning_rates, draws=draws)[0]
         return rosenbrock(final[:, 0], final[:, 1], self.a, self.b).view(len(programs), -1)
+
+    def stream_seeds(self, programs: Sequence[Program], draws: Sequence[int] | None = None) -> list[int]:
+        """The stream seed of each program's draw (0 for a deterministic program, which draws nothing)."""
+        draws = [0] * len(programs) if draws is None else draws
+        return [stream_seed(self.seed, p.canonical_key, j) if p.stochastic else 0 for p, j in zip(programs, draws)]
 
     def path(self, rule: str | Program, lr: float | None = None, iterations: int | None = None) -> np.ndarray:
         """The iterates ``(iterations + 1, 2)`` of one rule, start included.
 
         ``rule`` is a Program, a rule in paper notation or a Table 1 name ("powersign").
-        ``lr`` defaults to the rule's best learning rate on the grid.
+        ``lr`` defaults to the rule's best learning rate on the grid. A stochastic rule
+        follows its draw 0.
         """
         program = get_rule(rule)
         if lr is None:
@@ -138,8 +162,9 @@ class RosenbrockTask(LossGridTask):
     # ----------------------------------------------------------------------- the loop
     @torch.inference_mode()  # no autograd bookkeeping: 15-20% off each of the step's small kernels
     def _run(self, programs: list[Program], lrs: Sequence[float], iterations: int | None = None,
-             record: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+             record: bool = False, draws: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Train B x L rows (program-major) for ``iterations`` steps; final params (B*L, 2).
+        Program i draws its draw ``draws[i]`` (default 0) at every learning rate.
 
         A row whose parameters turned NaN or inf can never come back (inf - finite stays
         inf, NaN stays NaN), so at a few checkpoints such rows are dropped and the rest
@@ -150,7 +175,7 @@ class RosenbrockTask(LossGridTask):
         L = len(lrs)
         rows = [p for p in programs for _ in range(L)]
         R = len(rows)
-        rule = BatchedRule(rows, Hyper(), generator=torch.Generator().manual_seed(self.seed))
+        rule = BatchedRule(rows, Hyper(), seeds=[s for s in self.stream_seeds(programs, draws) for _ in range(L)])
         params = torch.tensor(self.start, dtype=dtype).repeat(R, 1)
         # (R, 2), not (R, 1): broadcasting a column costs 5x a plain kernel at this size
         lr = torch.tensor(lrs, dtype=dtype).repeat(len(programs)).view(R, 1).expand(R, 2).contiguous()
