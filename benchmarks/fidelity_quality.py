@@ -285,8 +285,9 @@ def part_quality(a: argparse.Namespace, log: Callable[[str], None]) -> list[str]
     cache = Cache(a.cache)
     items = rule_set(a.rules, seed=a.seed)
     fixed_proto = Protocol.preset(a.preset)
-    mf_proto = Protocol.from_dict({**fixed_proto.to_dict(), "schedule": "halving", "eta": a.eta})
-    fixed_label, mf_label = f"{a.preset}:fixed", f"{a.preset}:halving-eta{a.eta}"
+    mf_proto = Protocol.from_dict({**fixed_proto.to_dict(), "schedule": "halving", "eta": a.eta, "rungs": a.rungs})
+    fixed_label = f"{a.preset}:fixed"
+    mf_label = f"{a.preset}:halving-eta{a.eta}" + (f"-r{a.rungs}" if a.rungs else "")
     deadline = time.time() + a.minutes * 60
     if not a.report:
         fixed_task, mf_task = make_task(fixed_proto.to_dict(), a.data_dir), make_task(mf_proto.to_dict(), a.data_dir)
@@ -472,6 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--rules", type=int, default=None, help="rules to score (quality: 200, preset: 30)")
     ap.add_argument("--preset", default="cpu", help="quality: the preset whose fixed and multi-fidelity forms are compared")
     ap.add_argument("--eta", type=int, default=3, help="quality: successive halving's eta")
+    ap.add_argument("--rungs", type=int, default=None, help="quality: successive halving's rungs (default: auto)")
     ap.add_argument("--quantiles", type=float, nargs="+", default=[0.5, 0.75],
                     help="quality: hurdles to report, as quantiles of the sweep accuracies")
     ap.add_argument("--calibration", type=int, default=50,

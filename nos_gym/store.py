@@ -41,9 +41,10 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from nos_gym.dsl import Program
 from nos_gym.tasks.base import Result
@@ -496,7 +497,7 @@ class Store:
             self._conn.close()
             self._closed = True
 
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc: Any) -> None:

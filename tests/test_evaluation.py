@@ -104,10 +104,10 @@ def test_serial_scores_each_rule_once(serial):
 
 def test_auto_backend_is_process_for_training_tasks_and_serial_for_cheap_ones():
     with Evaluator(BowlTask()) as ev:
-        assert ev.backend == "serial"
+        assert ev.backend_name == "serial"
         assert ev.evaluate([SGD])[0].reward > 0.9
     with Evaluator("convnet-cifar10", **CI) as ev:  # workers start on the first job: nothing spawned here
-        assert ev.backend == "process" and ev.job_size == 1 and ev.pool.pids == {}
+        assert ev.backend_name == "process" and ev.job_size == 1 and ev.backend.pids == {}
     with pytest.raises(ValueError, match="unknown backend"):
         Evaluator(BowlTask(), backend="threads")
 
@@ -123,7 +123,7 @@ def test_process_backend_returns_serial_rewards_even_when_a_worker_is_killed(ser
         while victim is None and time.monotonic() < deadline:
             for c in ev.poll(timeout=0.05):
                 done[c.ticket] = c
-            busy = ev.pool.busy_pids()
+            busy = ev.backend.busy_pids()
             if busy:
                 victim = busy[0]
                 os.kill(victim, signal.SIGKILL)  # mid-evaluation: the worker has started its job
@@ -133,9 +133,9 @@ def test_process_backend_returns_serial_rewards_even_when_a_worker_is_killed(ser
                 done[c.ticket] = c
         assert [done[t].result.reward for t in tickets] == expected
         assert [done[t].program for t in tickets] == PROGRAMS
-        assert len(ev.pool.deaths) == 1 and ev.pool.deaths[0][1] == -signal.SIGKILL
+        assert len(ev.backend.deaths) == 1 and ev.backend.deaths[0][1] == -signal.SIGKILL
         assert ev.stats["retried"] == 1 and ev.stats["failed"] == 0 and ev.stats["computed"] == 3
-        assert victim not in ev.pool.pids.values()
+        assert victim not in ev.backend.pids.values()
 
 
 def test_time_limits_and_crashes_are_bounded_and_recorded(tmp_path):
@@ -264,7 +264,7 @@ def test_ray_backend_survives_a_killed_worker_and_matches_serial(serial):
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
         with Evaluator("convnet-cifar10", backend="ray", max_retries=2, **CI) as ev:
-            assert ev.pool.slots == 2
+            assert ev.backend.slots == 2
             tickets = ev.submit(PROGRAMS)
             victim = None
             deadline = time.monotonic() + 120

@@ -73,8 +73,8 @@ def test_every_table1_rule_computes_the_same_numbers_from_its_name_and_its_forma
     assert list(table1())[:4] == ["sgd", "momentum", "adam", "rmsprop"]
     for name, text in table1().items():
         reformatted = parse(text).format()
-        a, _ = _trajectory(lambda p: NOSOptimizer(p, rule=name, lr=1e-3, seed=3), steps=10)
-        b, _ = _trajectory(lambda p: NOSOptimizer(p, rule=reformatted, lr=1e-3, seed=3), steps=10)
+        a, _ = _trajectory(lambda p, name=name: NOSOptimizer(p, rule=name, lr=1e-3, seed=3), steps=10)
+        b, _ = _trajectory(lambda p, reformatted=reformatted: NOSOptimizer(p, rule=reformatted, lr=1e-3, seed=3), steps=10)
         for wa, wb in zip(a, b):
             assert torch.equal(wa, wb), name
         start = _trajectory(lambda p: torch.optim.SGD(p, lr=0.0), steps=1)[0][0]

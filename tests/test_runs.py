@@ -230,3 +230,30 @@ def test_paper_reinforce_config_loads():
     args, _ = parse_args(reinforce.Args, ["--config", str(ROOT / "configs" / "paper_reinforce.yaml")],
                          agent="reinforce_lstm")
     assert (args.learning_rate, args.num_envs, args.entropy_coef) == (1e-5, 5, 0.0015)
+
+
+def test_cifar_configs_load_and_a_tiny_cifar_cpu_search_runs_and_promotes(trpo, tmp_path, capsys):
+    """configs/cifar_cpu.yaml as written, then the same run shrunk to the "ci" preset and 20 rules
+    (still halving and a hurdle), then `nos-gym promote` of its best rules."""
+    from nos_gym.cli import main as cli
+
+    cpu, _ = parse_args(trpo.Args, ["--config", str(ROOT / "configs" / "cifar_cpu.yaml")], agent="trpo_lstm")
+    assert cpu.task == "convnet-cifar10" and cpu.backend == "process" and cpu.baseline == "risk_seeking"
+    assert cpu.task_options == {"preset": "cpu", "schedule": "halving", "hurdle": 0.277}
+    gpu = yaml.safe_load((ROOT / "configs" / "cifar_gpu.yaml").read_text())
+    assert gpu["task_options"]["preset"] == "paper" and gpu["agent"] == "trpo_lstm"
+
+    run_dir = tmp_path / "run"
+    trpo.main(["--config", str(ROOT / "configs" / "cifar_cpu.yaml"), "--no-progress",
+               "--task-options", "{preset: ci, schedule: halving, hurdle: 0.15}", "--backend", "serial",
+               "--total-rules", "20", "--num-envs", "10", "--run-dir", str(run_dir),
+               "--store", str(tmp_path / "store.sqlite")])
+    records = read_log(run_dir)
+    assert len(records) == 20 and all(0.0 <= r["reward"] <= 1.0 for r in records)
+    fidelities = {r["metrics"].get("fidelity") for r in records if r["source"] == "trained"}
+    assert fidelities <= {"sweep", "full"} and fidelities
+    capsys.readouterr()
+    assert cli(["promote", str(run_dir), "--preset", "ci", "--top", "3", "--backend", "serial"]) == 0
+    promoted = json.loads(next(run_dir.glob("promoted-*.json")).read_text())
+    assert len(promoted["rules"]) == 3 and promoted["options"]["preset"] == "ci"
+    assert [d["rank"] for d in promoted["rules"]] == [1, 2, 3]

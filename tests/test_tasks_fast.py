@@ -17,7 +17,6 @@ from nos_gym.tasks.rosenbrock import (
     X_RANGE,
     Y_RANGE,
     RosenbrockTask,
-
     rosenbrock,
     rosenbrock_grad,
 )

@@ -14,8 +14,8 @@ import time
 import traceback
 from abc import ABC, abstractmethod
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from nos_gym.dsl import Program
 from nos_gym.tasks.base import Result, Task
@@ -121,7 +121,7 @@ class Backend(ABC):
     def poll(self, timeout: float | None) -> list[Outcome]:
         """Outcomes of jobs that ended, waiting up to ``timeout`` seconds (None: until one ends)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (a default that does nothing; backends with workers override it)
         """Stop workers; jobs still running are abandoned."""
 
 

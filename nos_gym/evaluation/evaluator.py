@@ -43,8 +43,9 @@ import os
 import uuid
 import warnings
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 from nos_gym.dsl import Program
 from nos_gym.evaluation.backends import Backend, Job, Outcome, RuleFailure, SerialBackend, cpu_count
@@ -112,7 +113,7 @@ class Evaluator:
             raise ValueError(f"timeout must be positive seconds or None, got {timeout}")
         if job_size is not None and job_size < 1:
             raise ValueError(f"job_size must be >= 1, got {job_size}")
-        self.backend = backend  # the resolved name: "serial", "process" or "ray"
+        self.backend_name = backend  # the resolved name: "serial", "process" or "ray"
         self.timeout = timeout
         self.run = run or uuid.uuid4().hex[:12]
         self.fingerprint = self.task.fingerprint
@@ -146,8 +147,9 @@ class Evaluator:
                       "failed": 0, "retried": 0}
 
     @property
-    def pool(self) -> Backend:
-        """The backend object (its workers' pids, deaths, ...)."""
+    def backend(self) -> Backend:
+        """The backend object that runs the jobs (``backend_name`` is its name): its workers'
+        pids, deaths, slots, ..."""
         return self._backend
 
     def _make_backend(self, backend: str, workers: int | None, threads: int | None, max_retries: int,
@@ -374,7 +376,7 @@ class Evaluator:
             self.store.close()
             self.store = None
 
-    def __enter__(self) -> "Evaluator":
+    def __enter__(self) -> Evaluator:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -387,7 +389,7 @@ class Evaluator:
             pass
 
     def __repr__(self) -> str:
-        return f"Evaluator({self.task!r}, backend={self.backend!r}, job_size={self.job_size})"
+        return f"Evaluator({self.task!r}, backend={self.backend_name!r}, job_size={self.job_size})"
 
 
 def _shared(result: Result, program: Program) -> Result:

@@ -12,9 +12,9 @@ import hashlib
 import json
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from nos_gym.dsl import Program
 from nos_gym.dsl.vocabulary import SEMANTICS_VERSION  # not nos_gym.rules: this module needs no torch

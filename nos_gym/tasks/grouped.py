@@ -31,8 +31,9 @@ numbers (its parameters laid end to end are the row's layout).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from contextlib import nullcontext
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -216,7 +217,6 @@ def train_children(programs: Sequence[Program], lrs: Sequence[float] | Tensor, t
             raise ValueError("resume must be a GroupResult (or .select of one) of these programs, in this order")
         net, rule, state = resume.net.train(), resume.rule, resume.state
         alive = resume.alive.to(device).view(b, 1).clone()
-    flat = net.flat
     last_loss = torch.full((b,), float("nan"), device=device)
     # all minibatch indices in one copy: a host-to-GPU copy per step would stall the GPU's queue
     order = torch.stack(batch_order(len(train), batch_size, epochs, seed))

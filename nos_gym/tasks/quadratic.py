@@ -28,7 +28,8 @@ plus ``draws`` and ``draw_rewards``).
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

@@ -45,7 +45,8 @@ Also here: ``rosenbrock`` (the plain function, for floats, NumPy or torch) and
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
