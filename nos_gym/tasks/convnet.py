@@ -50,9 +50,10 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -175,14 +176,14 @@ class Protocol:
         return d
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "Protocol":
+    def preset(cls, name: str, **overrides: Any) -> Protocol:
         """A named preset ("paper", "fast", "ci") with some fields changed."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
         return cls.from_dict({**PRESETS[name].to_dict(), **overrides})
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Protocol":
+    def from_dict(cls, d: Mapping[str, Any]) -> Protocol:
         """From a mapping of field values; a ``"preset"`` key names the preset the others change."""
         d = dict(d)
         base = d.pop("preset", None)
@@ -195,7 +196,7 @@ class Protocol:
         return cls(**d)
 
     @classmethod
-    def from_yaml(cls, source: str | os.PathLike) -> "Protocol":
+    def from_yaml(cls, source: str | os.PathLike) -> Protocol:
         """From a YAML file (or YAML text) holding a mapping, e.g. ``{preset: fast, train_epochs: 3}``."""
         import yaml
 
@@ -375,7 +376,7 @@ class ConvNetTask(Task):
     def config(self) -> dict[str, Any]:
         if self._dataset_id is None:
             if self.download:
-                self.data  # fetch it first, then identify the copy we got
+                self.data  # noqa: B018  (a property: fetch the data first, then identify the copy we got)
             self._dataset_id = dataset_id(self.data_dir)
         return {"protocol": self.protocol.to_dict(), "precision": self.precision, "data": self._dataset_id,
                 "draws": self.draws}
@@ -452,7 +453,7 @@ class ConvNetTask(Task):
                                    stream_seeds=[seeds[i] for i in alive], **common)
         seconds = (time.perf_counter() - t0) / len(programs)
         results = []
-        for i, prog in enumerate(programs):
+        for i in range(len(programs)):
             sweep_acc = {f"{lr:g}": (None if dead[i, k] else round(float(acc[i, k]), 6)) for k, lr in enumerate(p.lrs)}
             # child_images: what was trained (no final training for a rule that diverged at every rate)
             spent = p.child_images - (0 if i in alive else p.final_images)

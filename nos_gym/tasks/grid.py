@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from nos_gym.dsl import Program
-from nos_gym.tasks.base import Result, Task
+from nos_gym.tasks.base import Result, Task, evaluate_draws
 
 
 def log_progress(initial_loss: float, best_loss: float, loss_floor: float) -> float:
@@ -58,9 +58,11 @@ class LossGridTask(Task):
     learning_rates: tuple[float, ...]
     initial_loss: float
     loss_floor: float
+    draws: int = 1  # runs a stochastic rule's score averages (``nos_gym.tasks.base.evaluate_draws``)
 
-    def _grid_losses(self, programs: list[Program]) -> torch.Tensor:
-        """``(B, L)`` final losses (any non-finite value means diverged)."""
+    def _grid_losses(self, programs: list[Program], draws: Sequence[int] | None = None) -> torch.Tensor:
+        """``(B, L)`` final losses (any non-finite value means diverged); ``draws``: each
+        program's draw index (default: draw 0)."""
         raise NotImplementedError
 
     def score(self, best_loss: float) -> float:
@@ -68,12 +70,12 @@ class LossGridTask(Task):
         return log_progress(self.initial_loss, best_loss, self.loss_floor)
 
     def evaluate(self, programs: Sequence[Program]) -> list[Result]:
-        programs = list(programs)
-        if not programs:
-            return []
-        return grid_results(self.final_losses(programs), self.learning_rates, self.score)
+        return evaluate_draws(programs, self.draws, self._evaluate_draws)
 
-    def final_losses(self, programs: Sequence[Program]) -> np.ndarray:
+    def _evaluate_draws(self, programs: list[Program], draws: list[int]) -> list[Result]:
+        return grid_results(self.final_losses(programs, draws), self.learning_rates, self.score)
+
+    def final_losses(self, programs: Sequence[Program], draws: Sequence[int] | None = None) -> np.ndarray:
         """``(B, L)`` array: final loss of each program at each learning rate (NaN if diverged)."""
-        loss = self._grid_losses(list(programs))
+        loss = self._grid_losses(list(programs), draws)
         return torch.where(torch.isfinite(loss), loss, torch.full_like(loss, float("nan"))).double().numpy()

@@ -36,8 +36,8 @@ import torch
 from nos_gym.dsl import Program
 from nos_gym.random_streams import stream_seed
 from nos_gym.rules import BatchedRule, Hyper
-from nos_gym.tasks.base import Result, check_draws, evaluate_draws
-from nos_gym.tasks.grid import LossGridTask, grid_results
+from nos_gym.tasks.base import check_draws
+from nos_gym.tasks.grid import LossGridTask
 
 #: evaluations a stochastic rule's reward averages. 1, by measurement: the task's own
 #: gradient noise dominates, and a rule's draws move its reward by sd <= 0.004 (README)
@@ -96,14 +96,6 @@ class QuadraticTask(LossGridTask):
         """``f`` of each row of ``w`` (shape (R, dim))."""
         diff = w - self.optimum
         return 0.5 * (diff * diff * self.curvatures).sum(dim=1)
-
-    def evaluate(self, programs: Sequence[Program]) -> list[Result]:
-        return evaluate_draws(programs, self.draws, self._evaluate_draws)
-
-    def _evaluate_draws(self, programs: list[Program], draws: list[int]) -> list[Result]:
-        loss = self._grid_losses(programs, draws)
-        loss = torch.where(torch.isfinite(loss), loss, torch.full_like(loss, float("nan"))).double().numpy()
-        return grid_results(loss, self.learning_rates, self.score)
 
     def _grid_losses(self, programs: list[Program], draws: Sequence[int] | None = None) -> torch.Tensor:
         """``(B, L)`` final losses; ``draws``: each program's draw index (default: draw 0)."""

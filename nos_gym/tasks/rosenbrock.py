@@ -55,8 +55,8 @@ from nos_gym.dsl import Program
 from nos_gym.dsl.table1 import get_rule
 from nos_gym.random_streams import stream_seed
 from nos_gym.rules import BatchedRule, Hyper
-from nos_gym.tasks.base import Result, check_draws, evaluate_draws
-from nos_gym.tasks.grid import LossGridTask, grid_results
+from nos_gym.tasks.base import check_draws
+from nos_gym.tasks.grid import LossGridTask
 
 START: tuple[float, float] = (-1.2 - math.sqrt(2.0) / 100, 1.0 + math.sqrt(3.0) / 100)
 LEARNING_RATES: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
@@ -127,14 +127,6 @@ class RosenbrockTask(LossGridTask):
         return {"iterations": self.iterations, "learning_rates": list(self.learning_rates),
                 "start": list(self.start), "a": self.a, "b": self.b, "loss_floor": self.loss_floor,
                 "seed": self.seed, "dtype": self.dtype, "draws": self.draws}
-
-    def evaluate(self, programs: Sequence[Program]) -> list[Result]:
-        return evaluate_draws(programs, self.draws, self._evaluate_draws)
-
-    def _evaluate_draws(self, programs: list[Program], draws: list[int]) -> list[Result]:
-        loss = self._grid_losses(programs, draws)
-        loss = torch.where(torch.isfinite(loss), loss, torch.full_like(loss, float("nan"))).double().numpy()
-        return grid_results(loss, self.learning_rates, self.score)
 
     def _grid_losses(self, programs: list[Program], draws: Sequence[int] | None = None) -> torch.Tensor:
         """``(B, L)`` final losses; ``draws``: each program's draw index (default: draw 0)."""
