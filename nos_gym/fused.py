@@ -91,8 +91,8 @@ def _isolate_inductor_cache() -> None:
     process with the native (AVX-512) kernels and loaded from the cache by a process run with
     ``ATEN_CPU_CAPABILITY=avx2`` computed a wrong step (SGD off by 7e-4 relative at step 0);
     compiled afresh under avx2 it was right. So a process that forces a kernel set, and sets no
-    cache folder of its own, gets a folder of its own (torch reads the variable when it first
-    needs the folder)."""
+    cache folder of its own, gets a folder of its own. Called when this module is imported:
+    parts of inductor read the folder when they are first imported, which a first compile does."""
     cap = os.environ.get("ATEN_CPU_CAPABILITY")
     if cap and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
         from torch._inductor.runtime.cache_dir_utils import default_cache_dir
@@ -100,9 +100,11 @@ def _isolate_inductor_cache() -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default_cache_dir()}-aten-{cap}"
 
 
+_isolate_inductor_cache()
+
+
 def _compile(fn: Callable) -> Callable:
     """``torch.compile`` of one generated step (a seam: tests make it fail)."""
-    _isolate_inductor_cache()
     # dynamic_threads: the kernel follows torch.set_num_threads at run time (else fixed at compile)
     return torch.compile(fn, dynamic=True, fullgraph=True, options={"cpp.dynamic_threads": True})
 
