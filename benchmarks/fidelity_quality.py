@@ -39,8 +39,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -332,7 +333,7 @@ def timing(cache: Cache, items, fixed_proto, mf_proto, a: argparse.Namespace, lo
     from nos_gym.tasks import fidelity
 
     fixed_task, mf_task = make_task(fixed_proto.to_dict(), a.data_dir), make_task(mf_proto.to_dict(), a.data_dir)
-    fixed_task.data  # load before timing
+    fixed_task.data  # noqa: B018  (a property: load before timing)
     for _, p in items[: a.timing]:
         if cache.get("timing", p.canonical_key):
             continue
@@ -410,7 +411,7 @@ def quality_report(cache: Cache, items, fixed_proto, mf_proto, fixed_label: str,
         images = float(np.mean([c[1] for c in comp]))
         ks = [keys[i] for i in done]
 
-        def tau(sub):
+        def tau(sub, reward=reward):
             return kendall_tau_b([fixed_reward[j] for j in sub], [reward[j] for j in sub])
 
         rows.append([name, f"{sum(passed)}/{n}", f"{tau(range(n)):.3f}", f"{tau(det):.3f}", f"{tau(learn):.3f}",
