@@ -104,3 +104,26 @@ def test_convnet_scores_a_stochastic_rule_the_same_alone_in_a_group_and_in_a_wor
                    **PLAIN, **CI) as ev:
         in_worker = ev.evaluate([rule, parse("m")])[0]  # first of its group now
     _same(in_worker, alone)
+
+
+def test_the_same_command_logs_the_same_rules_and_rewards_whatever_the_store_holds(tmp_path):
+    """Issue 12: a run's log must not depend on what other runs left in the store."""
+    from nos_gym.agents import load_agent, read_log
+
+    trpo, rand = load_agent("trpo_lstm"), load_agent("random_search")
+    common = ["--task", "rosenbrock", "--task-options", "{iterations: 200}", "--no-progress", "--space", "small",
+              "--depth", "2", "--num-envs", "50", "--total-rules", "200", "--seed", "7"]
+    trpo.main(common + ["--run-dir", str(tmp_path / "alone"), "--store", str(tmp_path / "empty.sqlite")])
+    shared = str(tmp_path / "shared.sqlite")
+    rand.main(["--task", "rosenbrock", "--task-options", "{iterations: 200}", "--no-progress", "--space", "small",
+               "--depth", "2", "--num-envs", "50", "--total-rules", "300", "--seed", "8",
+               "--run-dir", str(tmp_path / "other"), "--store", shared])
+    trpo.main(common + ["--run-dir", str(tmp_path / "after"), "--store", shared])
+
+    def what(run: str) -> list[tuple]:
+        return [(r["sample"], r["key"], r["reward"], r["error"]) for r in read_log(tmp_path / run)]
+
+    alone, after = what("alone"), what("after")
+    assert len(alone) == 200 and alone == after
+    reused = [r for r in read_log(tmp_path / "after") if r["source"] == "store"]
+    assert reused  # the second run really read scores the other run had stored
