@@ -228,7 +228,8 @@ PRESETS: dict[str, Protocol] = {
     # noise bounds what any of them can show: the same protocol with seed 1 agrees with its seed-0 self at
     # tau 0.71 (top-10 6/10) and with fast at 0.66, as the good rules lie within 0.02 of each other. So
     # "cpu" separates working rules from the rest reliably and orders near-equals by chance; promote its
-    # leaders to "fast" (nos-gym promote RUN --preset fast).
+    # leaders to "fast" (nos-gym promote RUN --preset fast). Multi-fidelity form for searches:
+    # {preset: cpu, schedule: halving, hurdle: 0.277}, about a third of the child-images (nos_gym.tasks.fidelity).
     "cpu": Protocol(lrs=(1e-4, 1e-3, 1e-2, 1e-1, 1.0), sweep_examples=1_000, train_examples=16_000, train_epochs=1,
                     val_examples=2_000, batch_size=50),
     # seconds on a CPU: 2 rates on 1,000 examples, 2 epochs of 1,000 at the best, 500 for validation
