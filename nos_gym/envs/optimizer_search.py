@@ -176,17 +176,9 @@ TERMINAL_KEYS = ("tokens", "rule", "canonical_key", "metrics", "cached", "error"
 
 def terminal_info(program: Program, result: Result) -> dict[str, Any]:
     """The info of a finished episode (fresh objects: the caller may keep and change it)."""
-    info = {
-        "tokens": program.tokens,
-        "rule": program.format(),
-        "canonical_key": program.canonical_key,
-        "metrics": copy.deepcopy(result.metrics),
-        "cached": bool(result.cached),
-        "error": result.error,
-        "source": getattr(result, "source", "trained"),
-    }
-    assert tuple(info) == TERMINAL_KEYS
-    return info
+    values = (program.tokens, program.format(), program.canonical_key, copy.deepcopy(result.metrics),
+              bool(result.cached), result.error, result.source)
+    return dict(zip(TERMINAL_KEYS, values, strict=True))
 
 
 class OptimizerSearchEnv(gym.Env[np.ndarray, np.int64]):
