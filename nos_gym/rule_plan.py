@@ -43,11 +43,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from nos_gym.dsl.canonical import _EXPANSIONS, _SIGN_OPERANDS, tree_key
+from nos_gym.dsl.canonical import canonicalize
 from nos_gym.dsl.program import Program
 from nos_gym.dsl.vocabulary import (
     CLIP_LEVELS,
-    COMMUTATIVE,
     DROP_RATES,
     GROUP_SIZE,
     STOCHASTIC,
@@ -287,7 +286,7 @@ def draw_sites(program: Program) -> dict[int, int]:
 
 def _draw_sites(program: Program) -> dict[int, int]:
     numbered: dict[int, int] = {}
-    for n, tag in enumerate(_prefix_tags(_canonical_tagged(_tagged_tree(program)))):
+    for n, tag in enumerate(_prefix_tags(canonicalize(_tagged_tree(program)))):
         numbered.setdefault(tag, n)
     sites = {}
     for k, (op1, op2, u1, u2, _) in enumerate(program.groups):
@@ -320,46 +319,6 @@ def _tag_of(node: tuple) -> int | None:
     if node[0] == "u":
         return node[3] if len(node) == 4 else None
     return None
-
-
-def _untagged(node: tuple) -> tuple:
-    if node[0] == "op":
-        return node[:2]
-    if node[0] == "u":
-        return ("u", node[1], _untagged(node[2]))
-    return (node[0], node[1], *(_untagged(c) for c in node[2:]))
-
-
-def _canonical_tagged(node: tuple) -> tuple:
-    """``nos_gym.dsl.canonical.canonicalize`` on a tagged tree, tags kept (commutative
-    terms sorted by their untagged key, ties in their original order, as there)."""
-    kind = node[0]
-    if kind == "op":
-        return _EXPANSIONS.get(node[1], node)
-    if kind == "u":
-        name, child, tag = node[1], _canonical_tagged(node[2]), node[3:]
-        if name == "id":
-            return child
-        if name == "neg" and child[0] == "u" and child[1] == "neg":
-            return child[2]
-        if name == "sign":
-            if child[0] == "op" and child[1] in _SIGN_OPERANDS:
-                return ("op", _SIGN_OPERANDS[child[1]])
-            if child[0] == "op" and child[1] in ("sign_g", "sign_m"):
-                return child
-            if child[0] == "u" and child[1] == "sign":
-                return child
-        return ("u", name, child, *tag)
-    name = node[1]
-    if name == "keep":
-        return _canonical_tagged(node[2])
-    left, right = _canonical_tagged(node[2]), _canonical_tagged(node[3])
-    if name in COMMUTATIVE:
-        terms: list[tuple] = []
-        for t in (left, right):
-            terms.extend(t[2:] if t[0] == "b" and t[1] == name else (t,))
-        return ("b", name, *sorted(terms, key=lambda t: tree_key(_untagged(t))))
-    return ("b", name, left, right)
 
 
 def _prefix_tags(node: tuple):

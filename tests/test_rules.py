@@ -272,7 +272,8 @@ def test_equivalent_programs_draw_the_same_numbers():
 
 
 def test_draw_sites_are_numbered_on_the_canonical_form():
-    from nos_gym.rule_plan import UNUSED_SITE, _canonical_tagged, _tagged_tree, _untagged, draw_sites
+    from nos_gym.dsl.canonical import canonicalize
+    from nos_gym.rule_plan import UNUSED_SITE, _tagged_tree, draw_sites
 
     assert draw_sites(parse("g + noise")) == {1: 0}
     assert draw_sites(parse("noise + g")) == {0: 0}
@@ -284,7 +285,7 @@ def test_draw_sites_are_numbered_on_the_canonical_form():
     # the tagged canonical form is canonical.py's, tags aside, on thousands of random programs
     for depth in (1, 2, 3):
         for p in Masker(get_space("extended"), depth).sample_many(2000, depth):
-            assert _untagged(_canonical_tagged(_tagged_tree(p))) == p.canonical_tree, p.format()
+            assert _untagged(canonicalize(_tagged_tree(p))) == p.canonical_tree, p.format()
 
 
 # ------------------------------------------------------------------------ the step plan
@@ -382,3 +383,11 @@ def test_select_drops_rows_and_the_rest_go_on_unchanged():
             w_small = w_small - 1e-2 * d_small
         w = w - 1e-2 * d
     assert [p.tokens for p in rule.programs] == [programs[i].tokens for i in keep]
+
+
+def _untagged(node: tuple) -> tuple:
+    if node[0] == "op":
+        return node[:2]
+    if node[0] == "u":
+        return ("u", node[1], _untagged(node[2]))
+    return (node[0], node[1], *(_untagged(c) for c in node[2:]))

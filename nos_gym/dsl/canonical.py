@@ -44,7 +44,7 @@ def canonicalize(node: Tree) -> Tree:
                 return child
             if child[0] == "u" and child[1] == "sign":
                 return child
-        return ("u", name, child)
+        return ("u", name, child, *node[3:])  # extra items (a draw-site tag) ride along
     name = node[1]
     if name == "keep":
         return canonicalize(node[2])
@@ -62,4 +62,5 @@ def tree_key(node: Tree) -> str:
     """A compact prefix serialisation, e.g. ``mul(exp(mul(sign_g,sign_m)),g)``."""
     if node[0] == "op":
         return node[1]
-    return f"{node[1]}({','.join(tree_key(c) for c in node[2:])})"
+    children = node[2:3] if node[0] == "u" else node[2:]  # a unary's extra items (tags) are not part of the key
+    return f"{node[1]}({','.join(tree_key(c) for c in children)})"
