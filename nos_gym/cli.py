@@ -283,16 +283,11 @@ def cmd_export(argv: list[str]) -> int:
 # ---------------------------------------------------------------------------- promote
 def cmd_promote(argv: list[str]) -> int:
     """Re-score the best rules of a run or a store at a higher fidelity; print and save the new leaderboard."""
-    import dataclasses
-    import os
-
     import yaml
 
-    from nos_gym.agents import ConfigError, load_yaml, read_log, top_rules
-    from nos_gym.dsl import Program
-    from nos_gym.evaluation import Evaluator
-    from nos_gym.tasks import available
-    from nos_gym.tasks.fidelity import kendall_tau
+    from nos_gym.agents import ConfigError
+    from nos_gym.agents.runs import promote_run
+    from nos_gym.promotion import promote_store
 
     p = argparse.ArgumentParser(
         prog="nos-gym promote",
@@ -300,7 +295,8 @@ def cmd_promote(argv: list[str]) -> int:
                     "the cpu preset or a hurdle, re-trained under 'fast', as the paper re-trained its best rules "
                     "before the Wide ResNet. Prints the re-ranked leaderboard and saves it as promoted-LABEL.txt/"
                     ".json (in the run directory, or beside the store); the scores go into the store under the new "
-                    "task's fingerprint, so promoting again re-uses them.")
+                    "task's fingerprint, so promoting again re-uses them. A run can do this itself at its end: "
+                    "the setting promote: {preset: fast, top: 10}.")
     p.add_argument("path", help="a run directory (with log.jsonl) or a SQLite store file")
     p.add_argument("--preset", default=None, help="the convnet protocol to re-score with, e.g. fast or paper")
     p.add_argument("-k", "--top", type=int, default=20, help="how many of the best distinct rules to re-score")
@@ -324,106 +320,25 @@ def cmd_promote(argv: list[str]) -> int:
     if a.preset is None and not a.task_options:
         raise ConfigError("say which fidelity to promote to: --preset NAME (e.g. fast) and/or --task-options")
     path = Path(a.path)
-    options: dict = {}
+    common = dict(preset=a.preset, top=a.top, task=a.task, task_options=a.task_options, store=a.store,
+                  backend=a.backend, out=a.out)
     if path.is_dir():
-        records = read_log(path)
-        config = load_yaml(path / "config.yaml") if (path / "config.yaml").is_file() else {}
-        task_name = a.task or config.get("task") or "convnet-cifar10"
-        if task_name == config.get("task"):
-            options = dict(config.get("task_options") or {})
-        store_path = config.get("store", "") if a.store is None else a.store
-        candidates = [{"rule": d["rule"], "key": d["key"], "tokens": d["tokens"], "reward": d["reward"]}
-                      for d in top_rules(records, a.top)]
-        where, stem = path, ""
-        title = f"{path}: the best {len(candidates)} of {len({r['key'] for r in records})} distinct rules"
+        board = promote_run(path, **common)
     elif path.is_file():
         from nos_gym.store import Store, StoreError
 
-        task_name = a.task or "convnet-cifar10"
         try:
             Store(path, readonly=True).close()  # a store? (a reader never writes, not even to a non-store)
         except StoreError as e:
             print(f"nos-gym promote: {e}; give a run directory (with log.jsonl) or a store file", file=sys.stderr)
             return 2
-        candidates = None  # picked below, once the new task's fingerprint (left out of the sources) is known
-        store_path = str(path) if a.store is None else a.store
-        where, stem = path.parent, f"{path.stem}-"
+        board = promote_store(path, source_task=a.source, **common)
     else:
         print(f"nos-gym promote: {path} is neither a run directory nor a store file", file=sys.stderr)
         return 2
-    if task_name not in available():
-        raise ConfigError(f"--task: unknown task {task_name!r}; allowed values: {available()}")
-    if a.preset is not None:
-        options.pop("preset", None)
-        if task_name == "convnet-cifar10":  # the run's protocol changes go with its preset
-            from nos_gym.tasks.convnet import Protocol
-
-            for f in dataclasses.fields(Protocol):
-                options.pop(f.name, None)
-        options["preset"] = a.preset
-    options.update(a.task_options)
-    task = _make_task(task_name, options)  # bad options fail here, before anything is trained
-    if candidates is None:  # a store: the best rules of one task setup (--from), never the new one's own
-        from nos_gym.store import Store
-
-        with Store(path, readonly=True) as source:
-            tasks = source.tasks()
-            fps = sorted({r.fingerprint for r in source.records(status="ok")} - {task.fingerprint})
-            if a.source is not None:
-                fps = [f for f in fps if f == a.source or tasks.get(f, {}).get("name") == a.source]
-            else:
-                fps = [f for f in fps if tasks.get(f, {}).get("name") == task_name]
-            if len(fps) > 1:
-                raise ConfigError(f"{path} holds scores of {len(fps)} {a.source or task_name} setups; pick one "
-                                  f"with --from FINGERPRINT: {', '.join(fps)}")
-            records = source.records(fps[0], status="ok") if fps else []  # best first
-        candidates = [{"rule": r.program, "key": r.key, "tokens": list(r.tokens), "reward": r.reward}
-                      for r in records[: a.top]]
-        title = f"{path}: the best {len(candidates)} of {len(records)} rules scored under {fps[0] if fps else '-'}"
-    if not candidates:
-        raise ConfigError(f"{path} holds no scored rules to promote")
-    programs = [Program(tuple(d["tokens"])) for d in candidates]
-    if store_path:
-        Path(store_path).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
-    print(f"re-scoring {len(programs)} rules on {task_name} {options} ...", file=sys.stderr)
-    with Evaluator(task, backend=a.backend, store=store_path or None) as ev:
-        results = ev.evaluate(programs)
-        fingerprint, config = ev.fingerprint, task.config()
-    rows = []
-    for old_rank, (d, r) in enumerate(zip(candidates, results), 1):
-        m = r.metrics
-        rows.append({"reward": r.reward, "previous_reward": d["reward"], "previous_rank": old_rank, "rule": d["rule"],
-                     "key": d["key"], "tokens": d["tokens"], "lr": m.get("lr"), "fidelity": m.get("fidelity"),
-                     "child_images": m.get("child_images"), "source": getattr(r, "source", None),
-                     "error": r.error, "cached": r.cached})
-    rows.sort(key=lambda d: (-d["reward"], d["previous_rank"]))
-    for i, d in enumerate(rows, 1):
-        d["rank"] = i
-    tau = kendall_tau([d["previous_reward"] for d in rows], [d["reward"] for d in rows]) if len(rows) > 1 else None
-    label = a.preset if a.preset is not None else "custom"
-    lines = [title, f"promoted to {task_name} {options} ({fingerprint})",
-             f"rank agreement with the previous scores (Kendall tau-b): "
-             f"{'-' if tau is None or tau != tau else f'{tau:.3f}'}",
-             f"{'rank':>4}  {'reward':>7}  {'was':>7}  {'rank':>4}  {'lr':>7}  rule"]
-    for d in rows:
-        lr = "-" if d["lr"] is None else f"{d['lr']:g}"
-        lines.append(f"{d['rank']:>4}  {d['reward']:>7.4f}  {d['previous_reward']:>7.4f}  {d['previous_rank']:>4}  "
-                     f"{lr:>7}  {d['rule']}{'  error: ' + d['error'] if d['error'] else ''}")
-    text = "\n".join(lines)
-    print(text)
-    out_dir = Path(a.out) if a.out else where
-    out_dir.mkdir(parents=True, exist_ok=True)
-    saved = []
-    for suffix, data in ((".txt", text + "\n"),
-                         (".json", json.dumps({"source": str(path), "task": task_name, "options": options,
-                                               "fingerprint": fingerprint, "config": config, "kendall_tau": tau,
-                                               "rules": rows}, indent=1, default=str) + "\n")):
-        target = out_dir / f"{stem}promoted-{label}{suffix}"
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(data)
-        os.replace(tmp, target)
-        saved.append(str(target))
-    print(f"saved {' and '.join(saved)}" + (f"; scores stored in {store_path}" if store_path else ""), file=sys.stderr)
+    print(board.text())
+    print(f"saved {' and '.join(map(str, board.saved))}" + (f"; scores stored in {board.store}" if board.store else ""),
+          file=sys.stderr)
     return 0
 
 
@@ -445,10 +360,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     import sqlite3
 
     from nos_gym.agents.config import ConfigError
+    from nos_gym.promotion import PromotionError
 
     try:
         return COMMANDS[command](rest)
-    except (ConfigError, sqlite3.Error, OSError) as e:
+    except (ConfigError, PromotionError, sqlite3.Error, OSError) as e:
         # a bad setting, a file that is not a (usable) store, a missing or unwritable path:
         # one line, no traceback (StoreError is a sqlite3.Error and names its file)
         print(f"nos-gym {command}: {_one_line(e)}", file=sys.stderr)

@@ -282,6 +282,11 @@ BAD_FLAGS = [
     ("random_search", ["--eval-timeout", "nan"], ["'eval_timeout'", "finite"]),
     ("random_search", ["--ray-address", "auto"], ["'ray_address'", "backend"]),
     ("evolution", ["--population-size", "8", "--tournament-size", "3", "--mutations", "0"], ["'mutations'"]),
+    ("random_search", ["--promote", "{top: 5}"], ["'promote'", "which fidelity", "preset: fast"]),
+    ("random_search", ["--promote", "{preset: fast, tops: 5}"], ["'promote'", "tops", "allowed keys"]),
+    ("random_search", ["--promote", "{preset: fast, top: 0}"], ["'promote'", "top", ">= 1", "0"]),
+    ("random_search", ["--promote", "{task_options: {iterations: -1}}"], ["'task_options'", "iterations"]),
+    ("random_search", ["--promote", "[fast]"], ["'promote'", "mapping"]),
 ]
 
 BAD_YAML = [

@@ -243,17 +243,27 @@ def test_cifar_configs_load_and_a_tiny_cifar_cpu_search_runs_and_promotes(trpo, 
     gpu = yaml.safe_load((ROOT / "configs" / "cifar_gpu.yaml").read_text())
     assert gpu["task_options"]["preset"] == "paper" and gpu["agent"] == "trpo_lstm"
 
+    assert cpu.promote == {"preset": "fast", "top": 10}
+
     run_dir = tmp_path / "run"
     trpo.main(["--config", str(ROOT / "configs" / "cifar_cpu.yaml"), "--no-progress",
                "--task-options", "{preset: ci, schedule: halving, hurdle: 0.15}", "--backend", "serial",
                "--total-rules", "20", "--num-envs", "10", "--run-dir", str(run_dir),
-               "--store", str(tmp_path / "store.sqlite")])
+               "--store", str(tmp_path / "store.sqlite"), "--promote", "{preset: ci, top: 3, backend: serial}"])
     records = read_log(run_dir)
     assert len(records) == 20 and all(0.0 <= r["reward"] <= 1.0 for r in records)
     fidelities = {r["metrics"].get("fidelity") for r in records if r["source"] == "trained"}
     assert fidelities <= {"sweep", "full"} and fidelities
-    capsys.readouterr()
-    assert cli(["promote", str(run_dir), "--preset", "ci", "--top", "3", "--backend", "serial"]) == 0
-    promoted = json.loads(next(run_dir.glob("promoted-*.json")).read_text())
-    assert len(promoted["rules"]) == 3 and promoted["options"]["preset"] == "ci"
+    # the run promoted its best 3 distinct rules to "ci" (no hurdle, no halving) at its end
+    promoted = json.loads((run_dir / "promoted-ci.json").read_text())
+    assert promoted["options"] == {"preset": "ci"} and promoted["run_samples"] == 20
+    best3 = [d["key"] for d in top_rules(records, 3)]
+    assert sorted(d["key"] for d in promoted["rules"]) == sorted(best3)
     assert [d["rank"] for d in promoted["rules"]] == [1, 2, 3]
+    assert all(d["fidelity"] == "full" and 0.0 <= d["reward"] <= 1.0 for d in promoted["rules"])
+    assert "promoted to convnet-cifar10" in capsys.readouterr().out
+    # the CLI re-uses the stored scores of the same promotion: the same leaderboard, nothing trained
+    assert cli(["promote", str(run_dir), "--preset", "ci", "--top", "3", "--backend", "serial"]) == 0
+    again = json.loads((run_dir / "promoted-ci.json").read_text())
+    assert [d["reward"] for d in again["rules"]] == [d["reward"] for d in promoted["rules"]]
+    assert all(d["cached"] for d in again["rules"])

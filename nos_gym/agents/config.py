@@ -114,6 +114,10 @@ class RunArgs:
     """evaluator funnel: a rule degenerate on the probe (non-finite, zero, blind to the gradient,
     never a descent direction) gets the task's floor score untrained"""
     top_k: int = 10
+    promote: dict = field(default_factory=dict)
+    """at the end of the run, re-score its best rules at a higher fidelity and save
+    promoted-PRESET.txt/.json in the run directory (``nos_gym.promotion``), e.g. {preset: fast, top: 10}
+    (keys: preset, top, task_options, backend); {}: no promotion"""
     # --- this process -------------------------------------------------------------------
     torch_threads: int = 1
     progress: bool = True
@@ -159,6 +163,33 @@ class RunArgs:
                 raise ConfigError("config key 'backend': 'ray' needs Ray, which is not installed: "
                                   "pip install 'nos-gym[ray]'; or choose backend serial or process")
         check_task_options(self.task, self.task_options)
+        check_promote(self.promote, self.task)
+
+
+def check_promote(setting: Any, task: str) -> None:
+    """Check the run setting ``promote`` (``{}``: none); ``ConfigError`` naming what is wrong."""
+    from nos_gym.promotion import PROMOTE_KEYS, promotion_options
+
+    if not isinstance(setting, dict):
+        raise ConfigError(f"config key 'promote' must be a mapping such as {{preset: fast, top: 10}} "
+                          f"(or {{}} for none), got {setting!r}")
+    if not setting:
+        return
+    unknown = sorted(set(setting) - set(PROMOTE_KEYS))
+    if unknown:
+        raise ConfigError(f"config key 'promote': unknown keys {unknown}; allowed keys: {list(PROMOTE_KEYS)}")
+    if setting.get("preset") is None and not setting.get("task_options"):
+        raise ConfigError("config key 'promote': say which fidelity to promote to, e.g. {preset: fast, top: 10}")
+    top = setting.get("top", 10)
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise ConfigError(f"config key 'promote': top must be an integer >= 1, got {top!r}")
+    if setting.get("backend", "auto") not in ("auto", "serial", "process", "ray"):
+        raise ConfigError(f"config key 'promote': unknown backend {setting['backend']!r}; "
+                          f"allowed values: ['auto', 'serial', 'process', 'ray']")
+    overrides = setting.get("task_options", {})
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"config key 'promote': task_options must be a mapping, got {overrides!r}")
+    check_task_options(task, promotion_options(task, {}, setting.get("preset"), overrides))
 
 
 def check_task_options(task: str, options: dict) -> None:

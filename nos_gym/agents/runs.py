@@ -808,6 +808,8 @@ class Run:
                 else:
                     if error is None and (exc_type is None or hard_stop):
                         print(text)
+            if error is None and exc_type is None and not self.interrupted and self.finished and self.args.promote:
+                error = self._promote_at_end()
             if self.interrupted and error is None:
                 print(f"[nos-gym] stopped after {self.samples} rules ({self.batch_index} batches checkpointed); "
                       f"continue with:  --resume {self.path}", file=sys.stderr, flush=True)
@@ -818,6 +820,35 @@ class Run:
         if error is None and (hard_stop or (self.interrupted and exc_type is None)):
             raise SystemExit(130)  # stopped by Ctrl-C: not a finished run
         return False
+
+    def _promote_at_end(self) -> RunError | None:
+        """The setting ``promote``: re-score the best rules at a higher fidelity (``nos_gym.promotion``);
+        skipped when the run's current leaderboard was promoted before (a finished run resumed)."""
+        s = self.args.promote
+        label = s.get("preset") or "custom"
+        done = self.path / f"promoted-{label}.json"
+        try:
+            if json.loads(done.read_text()).get("run_samples") == self.samples:
+                return None
+        except (OSError, ValueError):
+            pass
+        again = (f"nos-gym promote {self.path} {'--preset ' + s['preset'] if s.get('preset') else ''} "
+                 f"--top {s.get('top', 10)}")
+        print(f"[nos-gym] the run is complete; promoting its best {s.get('top', 10)} rules to {label}",
+              file=sys.stderr, flush=True)
+        try:
+            board = promote_run(self.path, preset=s.get("preset"), top=s.get("top", 10),
+                                task_options=s.get("task_options"), store=self.args.store or "",
+                                backend=s.get("backend", self.args.backend))
+        except KeyboardInterrupt:
+            print(f"[nos-gym] promotion interrupted; the run is complete: promote with  {again}", file=sys.stderr)
+            raise SystemExit(130) from None
+        except Exception as e:  # noqa: BLE001 - the run's own results are safe: say how to promote again
+            return RunError(f"the run is complete, but promoting its best rules failed: {' '.join(str(e).split())}; "
+                            f"promote with  {again}")
+        print(board.text())
+        print(f"[nos-gym] saved {' and '.join(map(str, board.saved))}", file=sys.stderr, flush=True)
+        return None
 
     def close(self) -> None:
         """Close the progress bar, the log, the envs and the evaluator (the lock is released by ``__exit__``)."""
@@ -863,6 +894,33 @@ class Run:
     @property
     def finished(self) -> bool:
         return self.batch_index >= self.num_batches
+
+
+# ------------------------------------------------------------------------- promotion
+def promote_run(run_dir: str | os.PathLike, *, preset: str | None, top: int = 10, task: str | None = None,
+                task_options: dict[str, Any] | None = None, store: str | None = None, backend: str = "auto",
+                out: str | os.PathLike | None = None, quiet: bool = False):
+    """Re-score a run's best ``top`` distinct rules at a higher fidelity (``nos_gym.promotion``) and save
+    ``promoted-LABEL.txt/.json`` in ``out`` (default: the run directory). ``task``: the run's own by
+    default, with its options' protocol replaced by ``preset``; ``store``: the run's store by default
+    ('' for none). Returns the ``Leaderboard``."""
+    from nos_gym.agents.config import load_yaml
+    from nos_gym.promotion import promote, promotion_options
+
+    path = Path(run_dir)
+    config = load_yaml(path / CONFIG_FILE) if (path / CONFIG_FILE).is_file() else {}
+    task_name = task or config.get("task") or "convnet-cifar10"
+    base = dict(config.get("task_options") or {}) if task_name == config.get("task") else {}
+    records = read_log(path)
+    candidates = [{"rule": d["rule"], "key": d["key"], "tokens": d["tokens"], "reward": d["reward"]}
+                  for d in top_rules(records, top)]
+    title = f"{path}: the best {len(candidates)} of {len({r['key'] for r in records})} distinct rules"
+    board = promote(candidates, task_name, promotion_options(task_name, base, preset, task_options), title=title,
+                    source=str(path), store=config.get("store", "") if store is None else store, backend=backend,
+                    quiet=quiet)
+    board.run_samples = len(records)  # a resumed run that sampled more is promoted afresh
+    board.save(out if out is not None else path, preset if preset is not None else "custom")
+    return board
 
 
 # ------------------------------------------------------------------------- helpers

@@ -1,0 +1,197 @@
+"""Report of the search on the child reward (issue 13): Figure 4, the leaderboards, the cost.
+
+Reads what ``benchmarks/cifar_search.sh ROOT RULES SEED`` wrote under ROOT (one run directory
+per agent, ``AGENT-sSEED``, each with its promotion to "fast", and the classics scored on both
+protocols) and writes, into ``--out`` (default ``benchmarks/out/cifar_search``):
+
+- ``figure4.png``: the reward of each sampled rule against the number sampled, per agent
+  (a moving average and the best so far), with the classics' rewards on the same protocol;
+- ``report.md``: the tables the README quotes (cost, rewards over the run, the promoted top
+  10 of each agent in paper notation beside the classics, the paper's families found);
+- ``runs/AGENT-sSEED/``: each run's config, log (gzipped), top and promotion files, so the
+  numbers can be checked without the run directories.
+
+Nothing is trained here: every number is read from the runs' logs.
+
+    python benchmarks/cifar_report.py /work/runs/cifar [--seed 1] [--out benchmarks/out/cifar_search]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nos_gym.agents import read_log, top_rules  # noqa: E402
+
+AGENTS = ("trpo_lstm", "random_search", "evolution")
+CLASSICS = {"g": "SGD", "m": "Momentum", "ADAM": "Adam", "RMSProp": "RMSProp",
+            "g * exp(sign(g) * sign(m))": "PowerSign", "(1 + sign(g) * sign(m)) * g": "AddSign"}
+
+#: the paper's families (section 5, Table 1), as patterns on canonical keys; sign(g*m) == sign(g)*sign(m)
+SIGN_AGREE = r"(?:mul\(sign_g,sign_m\)|sign\(mul\(g,m\)\))"
+FAMILIES = {
+    "e^{sign(g)*sign(m)} (PowerSign)": re.compile(rf"exp\({SIGN_AGREE}\)"),
+    "1 + sign(g)*sign(m) (AddSign)": re.compile(rf"add\({SIGN_AGREE},one\)"),
+    "drop(m, p)": re.compile(r"drop0\.\d+\(m\)"),
+    "e^{10^-3 w}": re.compile(r"exp\(w1e-3\)"),
+}
+
+
+def families(key: str) -> list[str]:
+    return [name for name, pattern in FAMILIES.items() if pattern.search(key)]
+
+
+def load_run(path: Path) -> dict[str, Any]:
+    records = read_log(path)
+    trained = [r for r in records if r["source"] == "trained"]
+    images = sum(int(r["metrics"].get("child_images", 0)) for r in trained)
+    promoted = path / "promoted-fast.json"
+    return {"path": path, "records": records, "trained": trained, "child_images": images,
+            "seconds": max((r["time"] for r in records), default=0.0),
+            "promoted": json.loads(promoted.read_text()) if promoted.is_file() else None}
+
+
+def classics(root: Path, preset: str) -> dict[str, dict[str, Any]]:
+    path = root / f"classics-{preset}.json"
+    if not path.is_file():
+        return {}
+    return {CLASSICS.get(d["rule"], d["rule"]): d for d in json.loads(path.read_text())}
+
+
+def figure4(runs: dict[str, dict[str, Any]], cpu: dict[str, dict[str, Any]], out: Path, window: int = 100) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for name, run in runs.items():
+        r = np.array([rec["reward"] for rec in run["records"]])
+        x = np.arange(1, len(r) + 1)
+        w = max(1, min(window, len(r)))
+        line, = ax.plot(x[w - 1:], np.convolve(r, np.ones(w) / w, mode="valid"), lw=1.8,
+                        label=f"{name}: mean of the last {w} sampled")
+        ax.plot(x, np.maximum.accumulate(r), lw=1, ls="--", color=line.get_color(), label=f"{name}: best so far")
+    for i, (label, d) in enumerate(sorted(cpu.items(), key=lambda kv: -kv[1]["reward"])):
+        ax.axhline(d["reward"], lw=0.8, ls=":", color="grey")
+        ax.annotate(f"{label} {d['reward']:.3f}", (1.0, d["reward"]), xycoords=("axes fraction", "data"),
+                    fontsize=7, color="grey", ha="left", va="center", xytext=(3, 4 * (i % 2) - 2),
+                    textcoords="offset points")
+    ax.set_xlabel("Number of sampled optimizers")
+    ax.set_ylabel("Reward (validation accuracy of the child, cpu protocol)")
+    ax.set_ylim(0.0, 0.75)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title("Reward of sampled rules (cf. the paper's Figure 4: 0.58 -> 0.66 over ~45,000 rules)")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def archive(run: dict[str, Any], dest: Path) -> None:
+    """The run's small files, and its log gzipped, under ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    src = run["path"]
+    for name in ("config.yaml", "top.txt", "promoted-fast.txt", "promoted-fast.json", "updates.jsonl"):
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dest / name)
+    with open(src / "log.jsonl", "rb") as f, gzip.open(dest / "log.jsonl.gz", "wb") as g:
+        shutil.copyfileobj(f, g)
+
+
+def report(root: Path, seed: int, out: Path) -> str:
+    runs = {a: load_run(root / f"{a}-s{seed}") for a in AGENTS if (root / f"{a}-s{seed}" / "log.jsonl").is_file()}
+    if not runs:
+        raise SystemExit(f"no runs under {root} (expected {', '.join(f'{a}-s{seed}' for a in AGENTS)})")
+    cpu, fast = classics(root, "cpu"), classics(root, "fast")
+    lines = [f"# The search on CIFAR-10 (runs under {root}, seed {seed})", ""]
+
+    lines += ["## Cost and rewards over the run", "",
+              "| agent | rules sampled | distinct | trained | settled without training | child-images | "
+              "per sampled rule | wall (h) | mean reward, first 100 | mean, last 100 | best | top-10 mean (distinct) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, run in runs.items():
+        recs = run["records"]
+        r = np.array([x["reward"] for x in recs])
+        top10 = top_rules(recs, 10)
+        settled = len(recs) - len(run["trained"])
+        lines.append(f"| {name} | {len(recs):,} | {len({x['key'] for x in recs}):,} | {len(run['trained']):,} | "
+                     f"{settled:,} | {run['child_images']:,} | {run['child_images'] / len(recs):,.0f} | "
+                     f"{run['seconds'] / 3600:.2f} | {r[:100].mean():.3f} | {r[-100:].mean():.3f} | {r.max():.3f} | "
+                     f"{np.mean([d['reward'] for d in top10]):.3f} |")
+    lines += ["", "Settled without training: the canonical cache, the store, fingerprints (an equivalent rule's "
+              "score) and screens (a degenerate rule's floor score). Child-images count only trained rules.", ""]
+    if cpu:
+        lines += ["The classics on the search's protocol (cpu preset, halving, hurdle 0.277): " +
+                  ", ".join(f"{k} {v['reward']:.3f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]["reward"])),
+                  ""]
+
+    lines += ["## The paper's families among the sampled rules", "",
+              "| agent | " + " | ".join(FAMILIES) + " |", "|---|" + "---:|" * len(FAMILIES)]
+    for name, run in runs.items():
+        keys = {x["key"] for x in run["records"]}
+        top = {d["key"] for d in top_rules(run["records"], 10)}
+        cells = []
+        for fam in FAMILIES:
+            n = sum(fam in families(k) for k in keys)
+            t = sum(fam in families(k) for k in top)
+            cells.append(f"{n} distinct ({t} in top 10)")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+
+    lines += ["## The top 10 of each agent, promoted to the \"fast\" preset (65,000 child-images per rule)", ""]
+    if fast:
+        lines += ["The classics on \"fast\": " +
+                  ", ".join(f"{k} {v['reward']:.3f}" for k, v in sorted(fast.items(), key=lambda kv: -kv[1]["reward"])),
+                  ""]
+    adam_fast = fast.get("Adam", {}).get("reward")
+    for name, run in runs.items():
+        board = run["promoted"]
+        if board is None:
+            lines += [f"{name}: not promoted yet", ""]
+            continue
+        lines += [f"### {name} (Kendall tau-b of the cpu and fast rankings: "
+                  f"{board['kendall_tau'] if board['kendall_tau'] is None else round(board['kendall_tau'], 3)})", "",
+                  "| rank | fast | cpu (search) | lr | rule | families |", "|---:|---:|---:|---:|---|---|"]
+        for d in board["rules"]:
+            mark = " **> Adam**" if adam_fast is not None and d["reward"] > adam_fast else ""
+            lr = "-" if d["lr"] is None else f"{d['lr']:g}"
+            lines.append(f"| {d['rank']} | {d['reward']:.4f}{mark} | {d['previous_reward']:.4f} | {lr} | "
+                         f"`{d['rule']}` | {', '.join(families(d['key'])) or '-'} |")
+        lines.append("")
+    text = "\n".join(lines)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(text + "\n")
+    figure4(runs, cpu, out / "figure4.png")
+    for name, run in runs.items():
+        archive(run, out / "runs" / f"{name}-s{seed}")
+    for preset in ("cpu", "fast"):
+        if (root / f"classics-{preset}.json").is_file():
+            shutil.copyfile(root / f"classics-{preset}.json", out / f"classics-{preset}.json")
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("root", type=Path, help="the ROOT given to benchmarks/cifar_search.sh")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out" / "cifar_search")
+    a = p.parse_args(argv)
+    print(report(a.root, a.seed, a.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The first real search on the child reward (issue 13), and its baselines at the same budget:
+# TRPO-LSTM (configs/cifar_cpu.yaml), random search and regularized evolution, one after
+# another, each resumed where it stopped; then the top 10 distinct rules of each promoted to
+# the "fast" preset, and the classics scored on both protocols. Re-running it skips what is done.
+#
+#   nohup bash benchmarks/cifar_search.sh RUNS_ROOT RULES SEED > RUNS_ROOT.log 2>&1 &
+#   python benchmarks/cifar_report.py RUNS_ROOT            # the README's tables and Figure 4
+#
+# Every agent gets its own store, so each agent's child-images are its own (a shared store
+# would let a later agent reuse an earlier one's scores).
+set -euo pipefail
+ROOT=${1:-runs/cifar}
+RULES=${2:-1500}
+SEED=${3:-1}
+mkdir -p "$ROOT"
+# the settings every agent shares: those of configs/cifar_cpu.yaml (flags win over its values)
+COMMON=(--task convnet-cifar10 --task-options "{preset: cpu, schedule: halving, hurdle: 0.277}"
+        --space full --depth 2 --num-envs 20 --backend process --torch-threads 1 --eval-timeout 900
+        --total-rules "$RULES" --seed "$SEED" --no-progress)
+
+stamp() { date -u +%FT%TZ; }
+
+run_agent() {  # NAME SCRIPT_ARGS...: a fresh run, or the resumed one
+    local name=$1; shift
+    local dir="$ROOT/$name-s$SEED"
+    if [[ -f "$dir/log.jsonl" ]] && (( $(wc -l < "$dir/log.jsonl") >= RULES )); then
+        echo "$(stamp) $name: done ($(wc -l < "$dir/log.jsonl") rules)"; return
+    fi
+    echo "$(stamp) $name: start"
+    local t0=$SECONDS
+    if [[ -f "$dir/config.yaml" ]]; then
+        python "$1" --resume "$dir" --total-rules "$RULES"
+    else
+        python "$@" --run-dir "$dir" --store "$ROOT/$name.sqlite"
+    fi
+    echo "$(stamp) $name: finished in $((SECONDS - t0)) s this call"
+}
+
+run_agent trpo_lstm    agents/trpo_lstm.py --config configs/cifar_cpu.yaml "${COMMON[@]}"
+run_agent random_search agents/random_search.py "${COMMON[@]}"
+run_agent evolution    agents/evolution.py "${COMMON[@]}"
+
+for name in trpo_lstm random_search evolution; do
+    dir="$ROOT/$name-s$SEED"
+    if [[ ! -f "$dir/promoted-fast.json" ]]; then
+        echo "$(stamp) promote $name"
+        nos-gym promote "$dir" --preset fast --top 10 --backend process
+    fi
+done
+
+# the classics, on the search's protocol and on "fast", in a store of their own
+CLASSICS=(sgd momentum adam rmsprop powersign "(1 + sign(g) * sign(m)) * g")  # the last: AddSign
+for preset in cpu fast; do
+    out="$ROOT/classics-$preset.json"
+    [[ -f "$out" ]] && continue
+    opts="{preset: $preset}"
+    [[ $preset == cpu ]] && opts="{preset: cpu, schedule: halving, hurdle: 0.277}"
+    echo "$(stamp) classics on $preset"
+    nos-gym eval "${CLASSICS[@]}" --task convnet-cifar10 --task-options "$opts" \
+        --store "$ROOT/classics.sqlite" --backend process --json > "$out.tmp"
+    mv "$out.tmp" "$out"
+done
+echo "$(stamp) all done"
