@@ -2,13 +2,15 @@
 # The first real search on the child reward (issue 13), and its baselines at the same budget:
 # TRPO-LSTM (configs/cifar_cpu.yaml), random search and regularized evolution, one after
 # another, each resumed where it stopped; then the top 10 distinct rules of each promoted to
-# the "fast" preset, and the classics scored on both protocols. Re-running it skips what is done.
+# the "fast" preset at 3 child seeds, and the classics scored on both protocols. Re-running it
+# skips what is done.
 #
 #   nohup bash benchmarks/cifar_search.sh RUNS_ROOT RULES SEED > RUNS_ROOT.log 2>&1 &
 #   python benchmarks/cifar_report.py RUNS_ROOT            # the README's tables and Figure 4
 #
 # Every agent gets its own store, so each agent's child-images are its own (a shared store
-# would let a later agent reuse an earlier one's scores).
+# would let a later agent reuse an earlier one's scores). The promotions share one store, so the
+# TRPO run's own end-of-run promotion (configs/cifar_cpu.yaml) is switched off here.
 set -euo pipefail
 ROOT=${1:-runs/cifar}
 RULES=${2:-1500}
@@ -37,28 +39,33 @@ run_agent() {  # NAME SCRIPT_ARGS...: a fresh run, or the resumed one
     echo "$(stamp) $name: finished in $((SECONDS - t0)) s this call"
 }
 
-run_agent trpo_lstm    agents/trpo_lstm.py --config configs/cifar_cpu.yaml "${COMMON[@]}"
+run_agent trpo_lstm    agents/trpo_lstm.py --config configs/cifar_cpu.yaml "${COMMON[@]}" --promote "{}"
 run_agent random_search agents/random_search.py "${COMMON[@]}"
 run_agent evolution    agents/evolution.py "${COMMON[@]}"
 
+# promotion: the top 10 distinct rules of each agent on "fast" at 3 child seeds, ranked by the
+# mean; one store for all promotions (a rule two agents found is trained once per seed)
+SEEDS=(0 1 2)
 for name in trpo_lstm random_search evolution; do
     dir="$ROOT/$name-s$SEED"
-    if [[ ! -f "$dir/promoted-fast.json" ]]; then
+    if [[ ! -f "$dir/promoted-fast-seeds0-1-2.json" ]]; then
         echo "$(stamp) promote $name"
-        nos-gym promote "$dir" --preset fast --top 10 --backend process
+        nos-gym promote "$dir" --preset fast --top 10 --seeds "${SEEDS[@]}" --backend process \
+            --store "$ROOT/promotion.sqlite"
     fi
 done
 
-# the classics, on the search's protocol and on "fast", in a store of their own
+# the classics, on the search's protocol and on "fast" at the same seeds, in the promotion store
 CLASSICS=(sgd momentum adam rmsprop powersign "(1 + sign(g) * sign(m)) * g")  # the last: AddSign
-for preset in cpu fast; do
-    out="$ROOT/classics-$preset.json"
+for run in "cpu 0" "fast 0" "fast 1" "fast 2"; do
+    read -r preset seed <<< "$run"
+    out="$ROOT/classics-$preset-s$seed.json"
     [[ -f "$out" ]] && continue
-    opts="{preset: $preset}"
+    opts="{preset: $preset, seed: $seed}"
     [[ $preset == cpu ]] && opts="{preset: cpu, schedule: halving, hurdle: 0.277}"
-    echo "$(stamp) classics on $preset"
+    echo "$(stamp) classics on $preset, seed $seed"
     nos-gym eval "${CLASSICS[@]}" --task convnet-cifar10 --task-options "$opts" \
-        --store "$ROOT/classics.sqlite" --backend process --json > "$out.tmp"
+        --store "$ROOT/promotion.sqlite" --backend process --json > "$out.tmp"
     mv "$out.tmp" "$out"
 done
 echo "$(stamp) all done"

@@ -300,6 +300,10 @@ def cmd_promote(argv: list[str]) -> int:
     p.add_argument("path", help="a run directory (with log.jsonl) or a SQLite store file")
     p.add_argument("--preset", default=None, help="the convnet protocol to re-score with, e.g. fast or paper")
     p.add_argument("-k", "--top", type=int, default=20, help="how many of the best distinct rules to re-score")
+    p.add_argument("--seeds", type=int, nargs="+", default=[],
+                   help="score each rule at these task seeds (the child's initial weights and minibatch order) and "
+                        "rank by the mean, e.g. --seeds 0 1 2; one seed cannot separate rules closer than its "
+                        "seed-to-seed spread")
     p.add_argument("--task", default=None, help="the task to re-score on (default: the run's task; for a store, "
                                                 "convnet-cifar10)")
     p.add_argument("--task-options", type=yaml.safe_load, default={},
@@ -320,8 +324,8 @@ def cmd_promote(argv: list[str]) -> int:
     if a.preset is None and not a.task_options:
         raise ConfigError("say which fidelity to promote to: --preset NAME (e.g. fast) and/or --task-options")
     path = Path(a.path)
-    common = dict(preset=a.preset, top=a.top, task=a.task, task_options=a.task_options, store=a.store,
-                  backend=a.backend, out=a.out)
+    common = dict(preset=a.preset, top=a.top, task=a.task, task_options=a.task_options, seeds=a.seeds,
+                  store=a.store, backend=a.backend, out=a.out)
     if path.is_dir():
         board = promote_run(path, **common)
     elif path.is_file():

@@ -287,6 +287,7 @@ BAD_FLAGS = [
     ("random_search", ["--promote", "{preset: fast, top: 0}"], ["'promote'", "top", ">= 1", "0"]),
     ("random_search", ["--promote", "{task_options: {iterations: -1}}"], ["'task_options'", "iterations"]),
     ("random_search", ["--promote", "[fast]"], ["'promote'", "mapping"]),
+    ("random_search", ["--promote", "{preset: fast, seeds: [0, 0]}"], ["'promote'", "seeds", "distinct"]),
 ]
 
 BAD_YAML = [

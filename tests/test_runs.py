@@ -243,7 +243,7 @@ def test_cifar_configs_load_and_a_tiny_cifar_cpu_search_runs_and_promotes(trpo, 
     gpu = yaml.safe_load((ROOT / "configs" / "cifar_gpu.yaml").read_text())
     assert gpu["task_options"]["preset"] == "paper" and gpu["agent"] == "trpo_lstm"
 
-    assert cpu.promote == {"preset": "fast", "top": 10}
+    assert cpu.promote == {"preset": "fast", "top": 10, "seeds": [0, 1, 2]}
 
     run_dir = tmp_path / "run"
     trpo.main(["--config", str(ROOT / "configs" / "cifar_cpu.yaml"), "--no-progress",

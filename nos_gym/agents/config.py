@@ -186,10 +186,16 @@ def check_promote(setting: Any, task: str) -> None:
     if setting.get("backend", "auto") not in ("auto", "serial", "process", "ray"):
         raise ConfigError(f"config key 'promote': unknown backend {setting['backend']!r}; "
                           f"allowed values: ['auto', 'serial', 'process', 'ray']")
+    seeds = setting.get("seeds", [])
+    if (not isinstance(seeds, list) or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in seeds)
+            or len(set(seeds)) != len(seeds)):
+        raise ConfigError(f"config key 'promote': seeds must be a list of distinct integers >= 0 (the task seeds "
+                          f"each rule is scored with, its reward their mean), got {seeds!r}")
     overrides = setting.get("task_options", {})
     if not isinstance(overrides, dict):
         raise ConfigError(f"config key 'promote': task_options must be a mapping, got {overrides!r}")
-    check_task_options(task, promotion_options(task, {}, setting.get("preset"), overrides))
+    check_task_options(task, promotion_options(task, {}, setting.get("preset"),
+                                               {**overrides, **({"seed": seeds[0]} if seeds else {})}))
 
 
 def check_task_options(task: str, options: dict) -> None:

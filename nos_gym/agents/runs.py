@@ -824,8 +824,10 @@ class Run:
     def _promote_at_end(self) -> RunError | None:
         """The setting ``promote``: re-score the best rules at a higher fidelity (``nos_gym.promotion``);
         skipped when the run's current leaderboard was promoted before (a finished run resumed)."""
+        from nos_gym.promotion import promotion_label
+
         s = self.args.promote
-        label = s.get("preset") or "custom"
+        label = promotion_label(s.get("preset"), s.get("seeds", ()))
         done = self.path / f"promoted-{label}.json"
         try:
             if json.loads(done.read_text()).get("run_samples") == self.samples:
@@ -833,11 +835,11 @@ class Run:
         except (OSError, ValueError):
             pass
         again = (f"nos-gym promote {self.path} {'--preset ' + s['preset'] if s.get('preset') else ''} "
-                 f"--top {s.get('top', 10)}")
+                 f"--top {s.get('top', 10)}{' --seeds ' + ' '.join(map(str, s['seeds'])) if s.get('seeds') else ''}")
         print(f"[nos-gym] the run is complete; promoting its best {s.get('top', 10)} rules to {label}",
               file=sys.stderr, flush=True)
         try:
-            board = promote_run(self.path, preset=s.get("preset"), top=s.get("top", 10),
+            board = promote_run(self.path, preset=s.get("preset"), top=s.get("top", 10), seeds=s.get("seeds", ()),
                                 task_options=s.get("task_options"), store=self.args.store or "",
                                 backend=s.get("backend", self.args.backend))
         except KeyboardInterrupt:
@@ -898,14 +900,15 @@ class Run:
 
 # ------------------------------------------------------------------------- promotion
 def promote_run(run_dir: str | os.PathLike, *, preset: str | None, top: int = 10, task: str | None = None,
-                task_options: dict[str, Any] | None = None, store: str | None = None, backend: str = "auto",
-                out: str | os.PathLike | None = None, quiet: bool = False):
+                task_options: dict[str, Any] | None = None, seeds: Sequence[int] = (), store: str | None = None,
+                backend: str = "auto", out: str | os.PathLike | None = None, quiet: bool = False):
     """Re-score a run's best ``top`` distinct rules at a higher fidelity (``nos_gym.promotion``) and save
     ``promoted-LABEL.txt/.json`` in ``out`` (default: the run directory). ``task``: the run's own by
-    default, with its options' protocol replaced by ``preset``; ``store``: the run's store by default
-    ('' for none). Returns the ``Leaderboard``."""
+    default, with its options' protocol replaced by ``preset``; ``seeds``: score each rule at these task
+    seeds and rank by the mean; ``store``: the run's store by default ('' for none). Returns the
+    ``Leaderboard``."""
     from nos_gym.agents.config import load_yaml
-    from nos_gym.promotion import promote, promotion_options
+    from nos_gym.promotion import promote, promotion_label, promotion_options
 
     path = Path(run_dir)
     config = load_yaml(path / CONFIG_FILE) if (path / CONFIG_FILE).is_file() else {}
@@ -916,10 +919,10 @@ def promote_run(run_dir: str | os.PathLike, *, preset: str | None, top: int = 10
                   for d in top_rules(records, top)]
     title = f"{path}: the best {len(candidates)} of {len({r['key'] for r in records})} distinct rules"
     board = promote(candidates, task_name, promotion_options(task_name, base, preset, task_options), title=title,
-                    source=str(path), store=config.get("store", "") if store is None else store, backend=backend,
-                    quiet=quiet)
+                    source=str(path), seeds=seeds, store=config.get("store", "") if store is None else store,
+                    backend=backend, quiet=quiet)
     board.run_samples = len(records)  # a resumed run that sampled more is promoted afresh
-    board.save(out if out is not None else path, preset if preset is not None else "custom")
+    board.save(out if out is not None else path, promotion_label(preset, seeds))
     return board
 
 
