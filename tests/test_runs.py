@@ -142,7 +142,8 @@ def test_resume_refuses_to_change_the_search(trpo, tmp_path):
         trpo.main(["--resume", str(tmp_path / "nowhere")])
 
 
-def test_ctrl_c_saves_and_exits_130(trpo, tmp_path):
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_saves_and_exits_128_plus_the_signal(trpo, tmp_path, sig, code):
     run_dir = tmp_path / "r"
     store = str(tmp_path / "s.sqlite")
     cmd = [sys.executable, str(ROOT / "agents" / "trpo_lstm.py")] + FAST + [
@@ -157,12 +158,12 @@ def test_ctrl_c_saves_and_exits_130(trpo, tmp_path):
             time.sleep(0.2)
         else:
             pytest.fail("the run logged nothing in 90 s")
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, err  # stopped by Ctrl-C is not a finished run (issue 10): 130, after saving
+    assert proc.returncode == code, err  # stopped by a signal is not a finished run (issue 10): 128 + it, saved
     assert "Traceback" not in err
     assert f"--resume {run_dir}" in err
     records = read_log(run_dir)

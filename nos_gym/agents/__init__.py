@@ -40,7 +40,7 @@ def run_cli(main: Callable[[], object]) -> None:
 
     A bad setting or an unusable run directory (``ConfigError``, ``RunError``) prints one
     line and exits 2; so does a file-system error (full disk, read-only) that reached
-    here unexplained, naming the file. Ctrl-C exits 130 (``Run`` raises ``SystemExit``).
+    here unexplained, naming the file. Ctrl-C exits 130, SIGTERM 143 (``Run`` raises ``SystemExit``).
     """
     name = Path(sys.argv[0]).name
     try:

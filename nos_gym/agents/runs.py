@@ -47,7 +47,8 @@ changed.
 Ctrl-C: the first press asks the run to stop after the batch in progress (the loop
 checks ``run.stop_requested``), which then is logged and checkpointed as usual; a second
 press stops at once, keeping the last checkpoint. Either way the top-k file is written,
-the command to resume is printed and the process exits with status 130.
+the command to resume is printed and the process exits with status 130. SIGTERM does the
+same and exits with 143.
 
 Errors: a setting, a run directory in use, damaged or unwritable, a full disk -- each
 stops with a ``ConfigError`` (``RunError`` for the run directory): one line that names the
@@ -196,7 +197,8 @@ class Run:
         self._log_file: Any = None
         self._lock_fd: int | None = None
         self._created_dir = False
-        self._old_handler: Any = None
+        self._old_handlers: dict[int, Any] = {}
+        self._stop_signal = signal.SIGINT
         self._bar = None
 
     # ------------------------------------------------------------------ opening
@@ -774,22 +776,27 @@ class Run:
 
     # ------------------------------------------------------------------ lifetime
     def __enter__(self) -> Run:
+        # Ctrl-C, and SIGTERM (`kill PID`, a job scheduler's stop, the end of a nohup'd session):
+        # finish the batch in flight, save, and exit 128 + the signal (130, 143)
         if threading.current_thread() is threading.main_thread():
-            self._old_handler = signal.signal(signal.SIGINT, self._on_sigint)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old_handlers[sig] = signal.signal(sig, self._on_stop_signal)
         return self
 
-    def _on_sigint(self, signum: int, frame: Any) -> None:
+    def _on_stop_signal(self, signum: int, frame: Any) -> None:
         if self.stop_requested:
             raise KeyboardInterrupt
         self.stop_requested = True
         self.interrupted = True
-        print("\n[nos-gym] Ctrl-C: stopping after this batch and saving (press Ctrl-C again to stop now, "
+        self._stop_signal = signum
+        what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n[nos-gym] {what}: stopping after this batch and saving (send it again to stop now, "
               "keeping the last checkpoint)", file=sys.stderr, flush=True)
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
-        if self._old_handler is not None:
-            signal.signal(signal.SIGINT, self._old_handler)
-            self._old_handler = None
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        self._old_handlers = {}
         hard_stop = exc_type is KeyboardInterrupt
         if hard_stop:
             self.interrupted = True
@@ -818,7 +825,7 @@ class Run:
         if error is not None and error is not exc:
             raise error from exc
         if error is None and (hard_stop or (self.interrupted and exc_type is None)):
-            raise SystemExit(130)  # stopped by Ctrl-C: not a finished run
+            raise SystemExit(128 + int(self._stop_signal))  # stopped by a signal: not a finished run (130, 143)
         return False
 
     def _promote_at_end(self) -> RunError | None:
