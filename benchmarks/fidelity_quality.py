@@ -26,9 +26,26 @@ and its cost the sweep's images plus the final's when passed. That lets one pass
 every hurdle (fixed thresholds and the rolling quantile) exactly; ``--verify N`` re-scores N
 rules end to end through ``ConvNetTask`` with the chosen hurdle and checks they agree.
 
+The final hurdle (``Protocol.final_hurdle``/``final_rung``: the final training stops at a
+checkpoint for rules whose validation accuracy there is below a fixed threshold). For every rule
+with a sweep rate, the final training at the halving sweep's rate is run to each checkpoint of
+``--final-rungs`` (images), validated there, and -- for rules whose sweep accuracy reaches the
+lowest sweep hurdle reported -- resumed to the end, as ``run_final`` does; its end accuracy must
+equal the cached final one exactly (checked, counted in the report). A variant (sweep hurdle,
+checkpoint, final hurdle) is then composed from these parts like the sweep hurdle's. Both
+thresholds come from the first ``--calibration`` rules only: the sweep hurdle a quantile of their
+sweep accuracies, the final hurdle (``--final-quantiles``) a quantile of the checkpoint
+accuracies of those of them that pass the sweep hurdle. Wall seconds are the halving sweep's
+(cached) plus the final training's as the protocol runs it (measured here, one checkpoint
+validation and the end's; the validation passes at the other checkpoints are measured and taken
+out). ``--verify-final N`` scores N rules end to end through ``ConvNetTask`` with the first
+variant and compares.
+
     python benchmarks/fidelity_quality.py --part preset                 # ~35 min on one core
     nohup python benchmarks/fidelity_quality.py > benchmarks/out/fidelity/quality.log 2>&1 &
     python benchmarks/fidelity_quality.py --report                      # the table from the cache
+    python benchmarks/fidelity_quality.py --quantiles 0.5 0.75 0.85 0.9 \
+        --final-rungs 1750 1000 3200 5300 --verify-final 10              # + final hurdle (~21 min)
 """
 
 from __future__ import annotations
@@ -324,7 +341,245 @@ def part_quality(a: argparse.Namespace, log: Callable[[str], None]) -> list[str]
             verify(cache, items, mf_proto, fixed_label, mf_label, a, log)
         if a.timing:
             timing(cache, items, fixed_proto, mf_proto, a, log)
-    return quality_report(cache, items, fixed_proto, mf_proto, fixed_label, mf_label, a)
+        if a.final_rungs:
+            measure_final_rungs(cache, items, mf_task, mf_label, a, log, deadline)
+            if a.verify_final:
+                verify_final(cache, items, mf_proto, fixed_label, mf_label, a, log)
+    lines = quality_report(cache, items, fixed_proto, mf_proto, fixed_label, mf_label, a)
+    if a.final_rungs:
+        lines += [""] + final_hurdle_report(cache, items, fixed_proto, mf_proto, fixed_label, mf_label, a)
+    return lines
+
+
+# ----------------------------------------------------------------------------- the final hurdle
+def _sweep_hurdles(mf_rows: Sequence[dict[str, Any]], a: argparse.Namespace) -> list[tuple[float, float]]:
+    """(quantile, threshold) of each sweep hurdle of the final-hurdle rows, from the first rules only."""
+    acc = [m["sweep_accuracy"] if m["lr"] is not None else 0.0 for m in mf_rows]
+    calib = acc[: a.calibration] if a.calibration else acc
+    return [(q, float(np.quantile(calib, q))) for q in a.final_sweep_quantiles]
+
+
+def measure_final_rungs(cache: Cache, items, mf_task, mf_label: str, a: argparse.Namespace,
+                        log: Callable[[str], None], deadline: float) -> None:
+    """The final training of each rule at its halving rate: validated at each checkpoint of
+    ``a.final_rungs`` and (for rules that can pass a sweep hurdle) resumed to the end."""
+    from nos_gym.tasks.fidelity import _common
+    from nos_gym.tasks.grouped import evaluate_children, train_children
+
+    p = mf_task.protocol
+    label = f"{mf_label}:final-rungs"
+    keys = [q.canonical_key for _, q in items]
+    mf_rows = [cache.get(mf_label, k) for k in keys]
+    if any(m is None for m in mf_rows):
+        log("final rungs: score every rule's halving sweep first")
+        return
+    go_on = min(t for _, t in _sweep_hurdles(mf_rows, a))  # resume to the end from this sweep accuracy
+    total = (p.train_examples // p.batch_size) * p.train_epochs
+    stops = sorted({c // p.batch_size for c in a.final_rungs})
+    if not stops or stops[0] < 1 or stops[-1] >= total:
+        raise SystemExit(f"--final-rungs must lie within the final training's {total * p.batch_size} images")
+    data = mf_task.data
+    train, val = data.train.take(p.train_examples), data.val.take(p.val_examples)
+    common = _common(mf_task)
+    for i, ((_origin, prog), m) in enumerate(zip(items, mf_rows)):
+        if m["lr"] is None or cache.get(label, prog.canonical_key) is not None:
+            continue
+        if time.time() > deadline:
+            log(f"final rungs: time is up after {i} rules")
+            return
+        seeds = mf_task.stream_seeds([prog])
+        group, start, rungs = None, 0, []
+        for stop in stops:
+            t0 = time.perf_counter()
+            group = train_children([prog], [m["lr"]], train, val, epochs=p.train_epochs, steps=(start, stop),
+                                   resume=None if group is None else group.select([0]),
+                                   **({"stream_seeds": seeds} if group is None else {}), **common)
+            dead = bool(group.diverged[0])
+            rungs.append({"images": stop * p.batch_size, "trained": group.steps * p.batch_size,
+                          "accuracy": None if dead else round(float(group.accuracy[0]), 6),
+                          "seconds": time.perf_counter() - t0})
+            start = stop
+            if dead:
+                break
+        t0 = time.perf_counter()
+        evaluate_children(group.net, val, p.batch_size, common["precision"])
+        eval_seconds = time.perf_counter() - t0
+        row = {"label": label, "key": prog.canonical_key, "rule": str(prog), "lr": m["lr"], "rungs": rungs,
+               "eval_seconds": eval_seconds, "final": None, "rest_seconds": None, "rest_images": None,
+               "matches_cached_final": None}
+        if rungs[-1]["accuracy"] is not None and m["sweep_accuracy"] >= go_on:
+            t0 = time.perf_counter()
+            rest = train_children([prog], [m["lr"]], train, val, epochs=p.train_epochs, steps=(start, total),
+                                  resume=group.select([0]), **common)
+            final = 0.0 if bool(rest.diverged[0]) else float(rest.accuracy[0])
+            row.update(final=final, rest_seconds=time.perf_counter() - t0, rest_images=rest.steps * p.batch_size,
+                       matches_cached_final=final == m["final"])
+        cache.put(row)
+        log(f"final rungs {i + 1}/{len(items)}  " + " ".join(f"{r['images']}:{r['accuracy']}" for r in rungs)
+            + f"  final {row['final']} (cached {m['final']})  {prog}")
+
+
+def compose_final(f: dict[str, Any], m: dict[str, Any], fr: dict[str, Any] | None, sweep_thr: float,
+                  rung: int, final_thr: float) -> tuple[float, int, str, float | None]:
+    """A rule's (reward, child-images, fidelity, final-training wall seconds) under the halving sweep,
+    a sweep hurdle, and a final hurdle at checkpoint ``rung`` (images)."""
+    if m["lr"] is None:
+        return 0.0, m["sweep_images"], "sweep", 0.0
+    if m["sweep_accuracy"] < sweep_thr:
+        return m["sweep_accuracy"], m["sweep_images"], "sweep", 0.0
+    rungs = fr["rungs"]
+    upto = [r for r in rungs if r["images"] <= rung]
+    at = upto[-1]
+    trained = sum(r["trained"] for r in upto)
+    # the protocol validates once at the checkpoint: take out the passes at earlier checkpoints
+    seconds = sum(r["seconds"] for r in upto) - (len(upto) - 1) * fr["eval_seconds"]
+    if at["images"] < rung or at["accuracy"] is None:  # diverged before or at the checkpoint: 0, stopped
+        return 0.0, m["sweep_images"] + trained, "final-rung", seconds
+    if at["accuracy"] < final_thr:
+        return at["accuracy"], m["sweep_images"] + trained, "final-rung", seconds
+    if fr["final"] is None and rungs[-1]["accuracy"] is None:  # passed, then diverged: 0, as without the hurdle
+        if m["final"] != 0.0:
+            raise ValueError(f"{fr['rule']}: diverged after the checkpoint, but its cached final is {m['final']}")
+        seconds = sum(r["seconds"] for r in rungs) - (len(rungs) - 1) * fr["eval_seconds"]
+        return 0.0, m["sweep_images"] + sum(r["trained"] for r in rungs), "full", seconds
+    if fr["final"] is None:
+        raise ValueError(f"{fr['rule']}: not resumed to the end; lower --final-sweep-quantiles' minimum")
+    seconds = sum(r["seconds"] for r in rungs) + fr["rest_seconds"] - (len(rungs) - 1) * fr["eval_seconds"]
+    return fr["final"], m["sweep_images"] + m["final_images"], "full", seconds
+
+
+def final_hurdle_report(cache: Cache, items, fixed_proto, mf_proto, fixed_label: str, mf_label: str,
+                        a: argparse.Namespace) -> list[str]:
+    label = f"{mf_label}:final-rungs"
+    keys = [p.canonical_key for _, p in items]
+    done = [i for i, k in enumerate(keys) if cache.get(fixed_label, k) and cache.get(mf_label, k)]
+    fixed = [cache.get(fixed_label, keys[i]) for i in done]
+    mf = [cache.get(mf_label, keys[i]) for i in done]
+    fr = [cache.get(label, keys[i]) for i in done]
+    missing = sum(m["lr"] is not None and r is None for m, r in zip(mf, fr))
+    n = len(done)
+    lines = [f"sweep hurdle + final hurdle (halving sweep; the final training validated at a checkpoint and "
+             f"stopped there below the final hurdle): {n} rules"]
+    if missing:
+        return lines + [f"  {missing} rules still lack their final-training checkpoints (run without --report)"]
+    ks = [keys[i] for i in done]
+    fixed_reward = [r["reward"] for r in fixed]
+    fixed_images = float(np.mean([r["child_images"] for r in fixed]))
+    det = [j for j in range(n) if not fixed[j]["stochastic"]]
+    resumed = [r for r in fr if r is not None and r["final"] is not None]
+    same = sum(bool(r["matches_cached_final"]) for r in resumed)
+    rows = []
+
+    def plain_seconds(m, r):  # the final training as without a final hurdle: no checkpoint validation
+        if r is None or r["final"] is None:
+            return 0.0
+        return sum(x["seconds"] for x in r["rungs"]) + r["rest_seconds"] - len(r["rungs"]) * r["eval_seconds"]
+
+    for sq, sthr in _sweep_hurdles(mf, a):  # the sweep hurdle alone, timed the same way
+        comp = [compose(f, m, m["lr"] is not None and m["sweep_accuracy"] >= sthr) for f, m in zip(fixed, mf)]
+        reward = [c[0] for c in comp]
+        images = float(np.mean([c[1] for c in comp]))
+        seconds = float(np.mean([m["sweep_seconds"] + (plain_seconds(m, r) if c[2] == "full" else 0.0)
+                                 for m, r, c in zip(mf, fr, comp)]))
+        past = sum(c[2] == "full" for c in comp)
+        rows.append([f"sweep {sthr:.3f} (q{sq:g}), no final hurdle",
+                     f"{past}/{n}", f"{past}/{n}", f"{kendall_tau_b(fixed_reward, reward):.3f}",
+                     f"{kendall_tau_b([fixed_reward[j] for j in det], [reward[j] for j in det]):.3f}",
+                     f"{top_overlap(ks, fixed_reward, reward, 10)}/10", f"{images:,.0f}",
+                     f"{100 * images / fixed_images:.1f}%", f"{seconds:.2f}"])
+    for sq, sthr in _sweep_hurdles(mf, a):
+        for rung in a.final_rungs:
+            # the final hurdle: a quantile of the checkpoint accuracies of the first rules past the sweep hurdle
+            first = [j for j in range(min(n, a.calibration or n)) if mf[j]["lr"] is not None
+                     and mf[j]["sweep_accuracy"] >= sthr]
+            calib = []
+            for j in first:
+                at = [r for r in fr[j]["rungs"] if r["images"] <= rung][-1]
+                calib.append(at["accuracy"] if at["images"] == rung and at["accuracy"] is not None else 0.0)
+            for fq in a.final_quantiles:
+                fthr = float(np.quantile(calib, fq)) if calib else 0.0
+                comp = [compose_final(f, m, r, sthr, rung, fthr) for f, m, r in zip(fixed, mf, fr)]
+                reward = [c[0] for c in comp]
+                images = float(np.mean([c[1] for c in comp]))
+                full = sum(c[2] == "full" for c in comp)
+                past_sweep = sum(m["lr"] is not None and m["sweep_accuracy"] >= sthr for m in mf)
+                seconds = float(np.mean([m["sweep_seconds"] + c[3] for m, c in zip(mf, comp)]))
+                rows.append([f"sweep {sthr:.3f} (q{sq:g}) + final {fthr:.3f} at {rung:,} (q{fq:g} of {len(calib)})",
+                             f"{past_sweep}/{n}", f"{full}/{n}",
+                             f"{kendall_tau_b(fixed_reward, reward):.3f}",
+                             f"{kendall_tau_b([fixed_reward[j] for j in det], [reward[j] for j in det]):.3f}",
+                             f"{top_overlap(ks, fixed_reward, reward, 10)}/10", f"{images:,.0f}",
+                             f"{100 * images / fixed_images:.1f}%", f"{seconds:.2f}"])
+    # halving only, timed the same way: every rule with a rate trained to the end, one validation
+    no_hurdle = []
+    for m, r in zip(mf, fr):
+        t = m["sweep_seconds"]
+        if r is not None and r["final"] is not None:
+            t += sum(x["seconds"] for x in r["rungs"]) + r["rest_seconds"] - len(r["rungs"]) * r["eval_seconds"]
+        no_hurdle.append(t)
+    timed = [t for t, r in zip(no_hurdle, fr) if r is not None and r["final"] is not None]
+    lines.append(markdown_table(["sweep hurdle + final hurdle at checkpoint (images)", "past the sweep",
+                                 "final trained to the end", "tau-b all", "tau-b determ.", "top-10",
+                                 "child-images/rule", "of fixed", "wall s/rule"], rows))
+    evals = [r["eval_seconds"] for r in fr if r is not None]
+    checks = [r for (lab, _), r in cache.rows.items() if lab == "verify-final"]
+    lines += ["", f"resumed from the checkpoints to the end: {len(resumed)} rules, {same} of them with exactly the "
+              f"cached final accuracy (the same trajectory as without the final hurdle)"]
+    lines += [f"end to end through ConvNetTask (sweep hurdle, final hurdle, checkpoint images: "
+              f"{', '.join(f'{float(x):.4g}' for x in r['key'].split(':'))}): {r['agree']}/"
+              f"{r['of']} rules score exactly as composed (reward, fidelity, child-images)" for r in checks]
+    lines += [
+              f"one validation pass at a checkpoint ({fixed_proto.val_examples:,} images, not child-images): "
+              f"{np.mean(evals):.2f} s on average; a rule past the sweep hurdle pays one, on top of the end's",
+              f"wall s/rule: the halving sweep's seconds (cached) + the final training's as the protocol runs it "
+              f"(measured in this run on a shared 2-core machine, one torch thread); the final training of a rule "
+              f"trained to the end without checkpoint: {np.mean([r['rest_seconds'] + sum(x['seconds'] for x in r['rungs']) - len(r['rungs']) * r['eval_seconds'] for r in resumed]) if resumed else float('nan'):.2f} s "
+              f"on average ({len(timed)} rules)",
+              f"checkpoints measured: {a.final_rungs} images of {mf_proto.final_images:,} (the Protocol default, "
+              f"final images / eta: {default_rung(mf_proto):,})"]
+    return lines
+
+
+def default_rung(p) -> int:
+    from nos_gym.tasks.convnet import Protocol
+
+    return Protocol.from_dict({**p.to_dict(), "final_hurdle": 0.5}).final_rung_images
+
+
+def verify_final(cache: Cache, items, mf_proto, fixed_label: str, mf_label: str, a: argparse.Namespace,
+                 log: Callable[[str], None]) -> None:
+    """Score ``a.verify_final`` rules end to end through ConvNetTask with the first final-hurdle variant
+    (its thresholds from the first rules, as in the report) and compare with the composed scores."""
+    from nos_gym.tasks.convnet import Protocol
+
+    label = f"{mf_label}:final-rungs"
+    keys = [p.canonical_key for _, p in items]
+    mf = [cache.get(mf_label, k) for k in keys]
+    fr = [cache.get(label, k) for k in keys]
+    (_, sthr), rung = _sweep_hurdles(mf, a)[0], a.final_rungs[0]
+    first = [j for j in range(a.calibration) if mf[j]["lr"] is not None and mf[j]["sweep_accuracy"] >= sthr]
+    calib = []
+    for j in first:
+        at = [r for r in fr[j]["rungs"] if r["images"] <= rung][-1]
+        calib.append(at["accuracy"] if at["images"] == rung and at["accuracy"] is not None else 0.0)
+    fthr = float(np.quantile(calib, a.final_quantiles[0]))
+    proto = Protocol.from_dict({**mf_proto.to_dict(), "hurdle": sthr, "final_hurdle": fthr, "final_rung": rung})
+    task = make_task(proto.to_dict(), a.data_dir)
+    # the rules that reach the checkpoint first (the others are the sweep hurdle's, verified by --verify)
+    picked = [j for j in range(len(items)) if mf[j]["lr"] is not None and mf[j]["sweep_accuracy"] >= sthr]
+    picked = picked[: a.verify_final]
+    agree = 0
+    for j in picked:
+        _, p = items[j]
+        (r,) = task.evaluate([p])
+        want, images, fid, _ = compose_final(cache.get(fixed_label, keys[j]), mf[j], fr[j], sthr, rung, fthr)
+        ok = r.reward == want and r.metrics["fidelity"] == fid and r.metrics["child_images"] == images
+        agree += ok
+        log(f"verify final {'ok ' if ok else 'DIFF'} task {r.reward:.4f} {r.metrics['fidelity']} "
+            f"{r.metrics['child_images']}  composed {want:.4f} {fid} {images}  {p}")
+    log(f"verify final: {agree}/{len(picked)} end-to-end scores agree with the composed ones "
+        f"(sweep hurdle {sthr:.4f}, final hurdle {fthr:.4f} at {rung} images)")
+    cache.put({"label": "verify-final", "key": f"{sthr}:{fthr}:{rung}", "agree": agree, "of": len(picked)})
 
 
 def timing(cache: Cache, items, fixed_proto, mf_proto, a: argparse.Namespace, log: Callable[[str], None]) -> None:
@@ -483,6 +738,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=20, help="quality: the rolling hurdle's warm-up (rules)")
     ap.add_argument("--verify", type=int, default=0, help="quality: re-score N rules end to end and compare")
     ap.add_argument("--timing", type=int, default=0, help="quality: time the stages on N rules (wall seconds)")
+    ap.add_argument("--final-rungs", type=int, nargs="*", default=[],
+                    help="quality: final-hurdle checkpoints to measure (images of the final training), e.g. "
+                         "1000 1750 3200 5300; none: no final-hurdle rows")
+    ap.add_argument("--final-quantiles", type=float, nargs="+", default=[0.5, 0.75],
+                    help="quality: final hurdles, as quantiles of the checkpoint accuracies of the first "
+                         "--calibration rules past the sweep hurdle")
+    ap.add_argument("--final-sweep-quantiles", type=float, nargs="+", default=[0.75, 0.5],
+                    help="quality: the sweep hurdles (quantiles of the first rules' sweep accuracies) of the "
+                         "final-hurdle rows; rules from the lowest on are trained to the end")
+    ap.add_argument("--verify-final", type=int, default=0,
+                    help="quality: score N rules end to end with the first final-hurdle variant and compare")
     ap.add_argument("--seed", type=int, default=0, help="the rule set's seed")
     ap.add_argument("--only", nargs="*", default=None, help="preset: score these labels only")
     ap.add_argument("--minutes", type=float, default=600.0, help="stop starting new rules after this long")

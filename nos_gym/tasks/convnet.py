@@ -111,6 +111,21 @@ class Protocol:
             accuracies of the rules this task object scored before. Order-dependent: a
             rule's score then depends on what was scored before it (see ``fidelity``).
         hurdle_warmup: rules the rolling hurdle lets through before it applies.
+        final_hurdle: successive halving of the final training, per rule, with a fixed
+            threshold: the final training stops at a checkpoint (``final_rung``) and
+            validates; a rule whose validation accuracy there is below ``final_hurdle`` (or
+            that diverged) stops and scores that accuracy (``metrics["fidelity"] ==
+            "final-rung"``, ``child_images`` counting only what it trained). A rule at or
+            above it trains on from the checkpoint on the same trajectory (weights, batch
+            norm, rule state, minibatches), so it scores exactly what it scores without
+            ``final_hurdle`` (with one rule per group, the CPU default; in a larger group the
+            survivors go on as a smaller one, which changes scores only by float rounding).
+            A fixed number, so a score depends on the task and the rule only. None
+            (default): no checkpoint.
+        final_rung: images of the final training at the checkpoint (counted over all its
+            epochs, a whole number of minibatches, fewer than the final training's); None:
+            the final training's images divided by ``eta``, rounded down to whole minibatches.
+            Only with ``final_hurdle``.
     """
 
     lrs: tuple[float, ...] = PAPER_LRS
@@ -129,6 +144,8 @@ class Protocol:
     hurdle: float | None = None
     hurdle_quantile: float | None = None
     hurdle_warmup: int = 20
+    final_hurdle: float | None = None
+    final_rung: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lrs", tuple(float(x) for x in self.lrs))
@@ -163,15 +180,28 @@ class Protocol:
         return (self.train_examples // self.batch_size) * self.batch_size * self.train_epochs
 
     @property
+    def final_rung_images(self) -> int | None:
+        """Images of the final training at its checkpoint (``final_rung`` or its default); None without
+        ``final_hurdle``."""
+        if self.final_hurdle is None:
+            return None
+        if self.final_rung is not None:
+            return self.final_rung
+        return max(1, self.final_images // self.eta // self.batch_size) * self.batch_size
+
+    @property
     def multi_fidelity(self) -> bool:
         """Whether a multi-fidelity field is set (halving, a hurdle): scored by ``nos_gym.tasks.fidelity``."""
-        return any(getattr(self, k) != v for k, v in _FIDELITY_DEFAULTS.items())
+        return any(getattr(self, k) != v for k, v in {**_FIDELITY_DEFAULTS, **_FINAL_HURDLE_DEFAULTS}.items())
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["lrs"] = list(self.lrs)
-        if not self.multi_fidelity:  # the fixed protocols' dicts (and fingerprints) as before these fields
-            for k in _FIDELITY_DEFAULTS:
+        if not any(getattr(self, k) != v for k, v in _FIDELITY_DEFAULTS.items()):
+            for k in _FIDELITY_DEFAULTS:  # the fixed protocols' dicts (and fingerprints) as before these fields
+                del d[k]
+        if self.final_hurdle is None:  # every dict (and fingerprint) as before the final hurdle
+            for k in _FINAL_HURDLE_DEFAULTS:
                 del d[k]
         return d
 
@@ -211,6 +241,8 @@ class Protocol:
 
 _FIDELITY_DEFAULTS = {f.name: f.default for f in fields(Protocol)
                       if f.name in ("schedule", "eta", "rungs", "hurdle", "hurdle_quantile", "hurdle_warmup")}
+# added later: left out of every dict while off, so no earlier protocol's fingerprint changes
+_FINAL_HURDLE_DEFAULTS = {f.name: f.default for f in fields(Protocol) if f.name in ("final_hurdle", "final_rung")}
 
 PRESETS: dict[str, Protocol] = {
     # section 4.2 exactly: 295,000 child-images per candidate
@@ -342,7 +374,8 @@ class ConvNetTask(Task):
         self.protocol = _resolve_protocol(preset, overrides)
         self.draws = check_draws(draws)
         if self.draws > 1 and self.protocol.multi_fidelity:
-            raise ValueError("draws > 1 is not supported with a multi-fidelity protocol yet (halving, hurdle)")
+            raise ValueError("draws > 1 is not supported with a multi-fidelity protocol yet "
+                             "(halving, hurdle, final_hurdle)")
         self.preset = preset if isinstance(preset, str) else None
         self.data_dir = None if data_dir is None else str(data_dir)
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
