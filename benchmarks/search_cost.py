@@ -12,6 +12,7 @@ protocol (every sample trained at ``C`` = the preset's child-images per rule):
     successive halving  the fixed sweep's images minus the halving plan's
     diverged          every rate diverged in the sweep: its final training (the fixed protocol skips it too)
     hurdle            the final training of a rule below the hurdle
+    final hurdle      the rest of the final training of a rule below the final hurdle at its checkpoint
     early stops       children that diverged stop early (a rule whose children all diverged stops)
     trained           what was spent
 
@@ -68,8 +69,8 @@ def account(records: Sequence[dict[str, Any]], protocol, searched) -> dict[str, 
     sweep_plan = sum(keep * (stop - start) for (keep, stop), start in zip(plan, [0] + [s for _, s in plan]))
     sweep_plan *= searched.batch_size
     rows = {k: {"samples": 0, "images": 0} for k in
-            ("canonical cache", "fingerprint", "screen", "successive halving", "diverged", "hurdle", "early stops",
-             "trained")}
+            ("canonical cache", "fingerprint", "screen", "successive halving", "diverged", "hurdle", "final hurdle",
+             "early stops", "trained")}
     unknown = 0
     for r in records:
         src = source_of(r)
@@ -97,6 +98,9 @@ def account(records: Sequence[dict[str, Any]], protocol, searched) -> dict[str, 
         elif m.get("hurdled"):
             rows["hurdle"]["samples"] += 1
             rows["hurdle"]["images"] += final
+        elif m.get("final_hurdled"):  # stopped at the final training's checkpoint: the rest is saved
+            rows["final hurdle"]["samples"] += 1
+            rows["final hurdle"]["images"] += final - (spent - sweep)
         else:
             stopped += max(0, final - (spent - sweep))
         if stopped:
@@ -130,6 +134,10 @@ def run_search(a: argparse.Namespace, run_dir: Path) -> None:
         options["hurdle"] = a.hurdle
     if a.hurdle_quantile is not None:
         options.update(hurdle_quantile=a.hurdle_quantile, hurdle_warmup=a.warmup)
+    if a.final_hurdle is not None:
+        options["final_hurdle"] = a.final_hurdle
+        if a.final_rung is not None:
+            options["final_rung"] = a.final_rung
     if a.data_dir:
         options["data_dir"] = str(a.data_dir)
     argv = ["--task", "convnet-cifar10", "--task-options", json.dumps(options), "--total-rules", str(a.rules),
@@ -180,6 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--hurdle", type=float, default=None, help="a fixed hurdle (sweep accuracy)")
     ap.add_argument("--hurdle-quantile", type=float, default=None, help="a rolling hurdle instead")
     ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--final-hurdle", type=float, default=None,
+                    help="a fixed hurdle inside the final training (validation accuracy at --final-rung images)")
+    ap.add_argument("--final-rung", type=int, default=None, help="images of the final training at its checkpoint")
     ap.add_argument("--backend", default="auto", choices=["auto", "serial", "process"])
     ap.add_argument("--data-dir", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None, help="the run directory (default benchmarks/out/search_cost/"
