@@ -123,6 +123,7 @@ def archive(run: dict[str, Any], dest: Path) -> None:
 
 def report(root: Path, seed: int, out: Path) -> str:
     runs = {a: load_run(root / f"{a}-s{seed}") for a in AGENTS if (root / f"{a}-s{seed}" / "log.jsonl").is_file()}
+    runs = {a: run for a, run in runs.items() if run["records"]}  # a run that has not logged a batch yet
     if not runs:
         raise SystemExit(f"no runs under {root} (expected {', '.join(f'{a}-s{seed}' for a in AGENTS)})")
     cpu, fast = classics(root, "cpu"), classics(root, "fast")
