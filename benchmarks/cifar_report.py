@@ -144,6 +144,18 @@ def report(root: Path, seed: int, out: Path) -> str:
                      f"{np.mean([d['reward'] for d in top10]):.3f} |")
     lines += ["", "Settled without training: the canonical cache, the store, fingerprints (an equivalent rule's "
               "score) and screens (a degenerate rule's floor score). Child-images count only trained rules.", ""]
+    budget = min(len(run["records"]) for run in runs.values())
+    if len(runs) > 1:  # a run's first N samples are what a run of budget N samples: compare there
+        lines += [f"### At the same budget: the first {budget:,} sampled rules of each agent", "",
+                  "| agent | best | top-10 mean (distinct) | mean reward | rules > 0.5 | child-images |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for name, run in runs.items():
+            recs = run["records"][:budget]
+            r = np.array([x["reward"] for x in recs])
+            images = sum(int(x["metrics"].get("child_images", 0)) for x in recs if x["source"] == "trained")
+            lines.append(f"| {name} | {r.max():.4f} | {np.mean([d['reward'] for d in top_rules(recs, 10)]):.4f} | "
+                         f"{r.mean():.3f} | {int((r > 0.5).sum())} | {images:,} |")
+        lines.append("")
     if cpu:
         lines += ["The classics on the search's protocol (cpu preset, halving, hurdle 0.277): " +
                   ", ".join(f"{k} {v['reward']:.3f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]["reward"])),

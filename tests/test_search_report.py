@@ -87,7 +87,7 @@ def test_report_reads_runs_promotions_and_classics(tmp_path):
     rules = [("g", 0.3), ("ADAM", 0.5), ("g * exp(sign(g) * sign(m))", 0.55), ("m", 0.2), ("g * log|1|", 0.1),
              ("drop(m, 0.3) * exp(1e-3 * w)", 0.45)]
     trpo = _fake_run(root, "trpo_lstm", rules)
-    _fake_run(root, "random_search", rules[::-1])
+    _fake_run(root, "random_search", rules[::-1][:4])  # a shorter run: the comparison is at its 4 rules
     board = {"kendall_tau": 0.5, "seeds": [0, 1, 2], "rules": [
         {"rank": 1, "reward": 0.61, "seed_sd": 0.01, "previous_reward": 0.55, "lr": 0.01, "rule": rules[2][0],
          "key": parse(rules[2][0]).canonical_key}]}
@@ -100,6 +100,8 @@ def test_report_reads_runs_promotions_and_classics(tmp_path):
     text = cifar_report.report(root, 1, out)
     assert "| trpo_lstm | 6 | 6 | 4 | 2 | 4,000 | 667 |" in text  # rules, distinct, trained, settled, images
     assert "| Adam | 0.5900 | 0.0100 | 0.5800, 0.5900, 0.6000 |" in text  # the mean over the three seeds
+    assert "### At the same budget: the first 4 sampled rules of each agent" in text
+    assert "| trpo_lstm | 0.5500 | 0.3875 | 0.388 | 1 | 2,000 |" in text  # g, ADAM, PowerSign, m
     assert "0.6100 **> Adam**" in text and "random_search: not promoted yet" in text
     assert ("| trpo_lstm | 1 distinct (1 in top 10) | 0 distinct (0 in top 10) | 1 distinct (1 in top 10) "
             "| 1 distinct (1 in top 10) |") in text
