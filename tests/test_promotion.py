@@ -46,7 +46,7 @@ def test_seeds_from_the_command_line_name_the_file(tmp_path, capsys):
     lines = [json.dumps({"sample": i, "batch": 0, "reward": d["reward"], **{k: d[k] for k in ("rule", "key", "tokens")},
                          "cached": False}) for i, d in enumerate(candidates())]
     (run / "log.jsonl").write_text("\n".join(lines) + "\n")
-    opts = "{data_dir: %s, device: cpu, precision: fp32}" % SHARED
+    opts = f"{{data_dir: {SHARED}, device: cpu, precision: fp32}}"
     assert main(["promote", str(run), "--task", "convnet-cifar10", "--preset", "ci", "--seeds", "0", "2",
                  "--task-options", opts, "--store", "", "--backend", "serial"]) == 0
     assert promotion_label("ci", [0, 2]) == "ci-seeds0-2"
