@@ -13,10 +13,16 @@
     the fused path <= 1.0x Adam(foreach).
 (b) 1,024 different random rules: one BatchedRule over (1024, N) stacked parameters vs
     the same rules applied one by one. Goal: >= 20x faster batched.
+(c) BatchedRule's fused path (``fused=True``: one compiled opcode kernel per step,
+    ``nos_gym.fused_batched``) vs today's executor (``fused=False``) on the same 1,024 random
+    rules x {2, 100, 1,000} parameters (rows of 2 take the per-entry "flat" tables),
+    interleaved rounds, min and median per step. Compile time (first use, cold or from
+    inductor's disk cache) is printed. Goal (issue 14): >= 2x at 1,000 parameters per rule.
 
     python benchmarks/rule_throughput.py --threads 1 2      # full sizes, both thread counts
     python benchmarks/rule_throughput.py --quick            # small sizes, a smoke run
-    python benchmarks/rule_throughput.py --skip-batched     # part (a) only
+    python benchmarks/rule_throughput.py --skip-batched --skip-fused-batched   # part (a) only
+    python benchmarks/rule_throughput.py --skip-steps --skip-batched   # part (c) only
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import torch
 
 from nos_gym.dsl import Masker, get_space
 from nos_gym.optim import AddSign, NOSOptimizer, PowerSign, table1
-from nos_gym.rules import BatchedRule
+from nos_gym.rules import FUSED_MIN_NUMEL, FUSED_MIN_WIDTH, BatchedRule
 
 
 def _time(fn, repeats: int, warmup: int = 2) -> float:
@@ -176,6 +182,47 @@ def batched_table(n_rules: int, sizes: list[int], steps: int, depth: int, device
           "rules x params, so the speed-up is largest for the small per-rule problems of the fast tasks.")
 
 
+def fused_batched_table(n_rules: int, sizes: list[int], steps: int, rounds: int, depth: int, device: str) -> None:
+    """Part (c): BatchedRule fused vs today's executor, interleaved rounds of ``steps`` steps."""
+    programs = Masker(get_space("full"), depth).sample_many(n_rules, seed=0)
+    print(f"\n(c) BatchedRule fused vs today's executor: {n_rules} random depth-{depth} rules ('full' space, "
+          f"{sum(p.stochastic for p in programs)} stochastic), float32, {device}, {torch.get_num_threads()} threads, "
+          f"{rounds} interleaved rounds of {steps} steps", flush=True)
+    print(f"{'params/rule':>11} {'fused min ms':>12} {'med':>7} {'today min ms':>12} {'med':>7} "
+          f"{'speed-up min':>12} {'med':>5} {'1st use s':>9}")
+
+    def run(rule, w0, n):
+        w = w0.clone()
+        state = rule.init(w)
+        for _ in range(n):
+            d, state = rule.update(state, w, w)  # gradient of |w|^2 / 2
+            w = w - 1e-3 * d
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for n_params in sizes:
+        w0 = torch.randn(n_rules, n_params, device=device, generator=torch.Generator(device=device).manual_seed(0))
+        rules = {"fused": BatchedRule(programs, seed=0, fused=True), "today": BatchedRule(programs, seed=0, fused=False)}
+        start = time.perf_counter()
+        run(rules["fused"], w0, 1)  # compiles (or loads inductor's cached build)
+        first = time.perf_counter() - start
+        run(rules["today"], w0, 2)
+        run(rules["fused"], w0, 2)
+        samples = {k: [] for k in rules}
+        for r in range(rounds):
+            for k in (("fused", "today") if r % 2 == 0 else ("today", "fused")):
+                gc.collect()
+                start = time.perf_counter()
+                run(rules[k], w0, steps)
+                samples[k].append((time.perf_counter() - start) / steps)
+        f, t = samples["fused"], samples["today"]
+        print(f"{n_params:>11,} {min(f) * 1e3:>12.3f} {statistics.median(f) * 1e3:>7.3f} {min(t) * 1e3:>12.3f} "
+              f"{statistics.median(t) * 1e3:>7.3f} {min(t) / min(f):>11.2f}x {statistics.median(t) / statistics.median(f):>4.2f}x "
+              f"{first:>9.1f}", flush=True)
+    print(f"goal: >= 2x at 1,000 parameters per rule (fused=True was used; fused=None picks it for rows of >= "
+          f"{FUSED_MIN_WIDTH}\nnumbers in batches of >= {FUSED_MIN_NUMEL:,} entries, where a compile of seconds pays back)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
@@ -185,8 +232,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds in (a) (default 15; 5 quick)")
     parser.add_argument("--params", type=int, default=None, help="parameters in (a) (default 10M; 500k quick)")
     parser.add_argument("--no-table1", action="store_true", help="(a) without the Table 1 rows")
-    parser.add_argument("--skip-batched", action="store_true", help="part (a) only")
+    parser.add_argument("--skip-batched", action="store_true", help="without part (b)")
     parser.add_argument("--skip-steps", action="store_true", help="part (b) only")
+    parser.add_argument("--skip-fused-batched", action="store_true", help="without part (c)")
     args = parser.parse_args()
     if args.threads and len(args.threads) > 1:  # one process per thread count: nothing carries over
         rest = sys.argv[1:]
@@ -209,6 +257,9 @@ def main() -> None:
     if not args.skip_batched:
         batched_table(64 if args.quick else 1024, [2, 100] if args.quick else [2, 100, 1000],
                       10 if args.quick else 50, 2, args.device)
+    if not args.skip_fused_batched:
+        fused_batched_table(64 if args.quick else 1024, [2, 100] if args.quick else [2, 100, 1000],
+                            10 if args.quick else 20, 3 if args.quick else 7, 2, args.device)
 
 
 if __name__ == "__main__":

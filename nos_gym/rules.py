@@ -18,6 +18,8 @@ names to paper notation). Two executors use them:
   order and one call per binary token. A step costs a fixed number of kernels per
   distinct token, whatever B is. What runs where is a ``Plan`` (``nos_gym.rule_plan``,
   built from the programs' tokens alone); ``BatchedRule`` binds it to tensors and runs it.
+  ``BatchedRule(fused=...)`` can instead run each step as one compiled kernel that reads
+  the rules' tokens as per-row opcodes (``nos_gym.fused_batched``).
 
 Operand definitions (section 4.1, hyperparameters of section 4.2):
 
@@ -39,6 +41,7 @@ Non-finite values are never an error here: they are returned and the caller deci
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +49,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from nos_gym import fused as _fused
 from nos_gym.dsl.program import Program
 from nos_gym.dsl.vocabulary import (
     BETA1,
@@ -412,11 +416,28 @@ class BatchedRule:
     ``stream_seed(seed, programs[i].canonical_key, 0)`` (draw 0 of the rule under task seed
     ``seed``); ``generator`` (the old interface) stands for ``seed=generator.initial_seed()``.
     The draws of a block of steps are computed at once (``_Executor``).
+
+    ``fused``: the fused path (``nos_gym.fused_batched``): the programs' tokens become
+    per-row opcode tables and one kernel, compiled once per code shape (depth, averages
+    kept, noise, drop; not per batch), computes every row's step: one kernel per step
+    instead of a few per distinct token. Same arithmetic, same draws; exp and log round
+    as inductor's vector code does (within 1 ulp of ATen's), so trajectories agree to
+    rounding, not bit for bit. ``False``: today's executor. ``True``: fused whatever the
+    size. ``None`` (default): fused when rows have at least ``FUSED_MIN_WIDTH`` (16)
+    numbers and the batch at least ``FUSED_MIN_NUMEL`` (2^19) in all, on CPU or CUDA.
+    Chosen by measurement (``benchmarks/rule_throughput.py`` part (c), 1,024 random
+    depth-2 rules, float32, 1 thread, a loaded 2-core EPYC): fused per step is 1.7x
+    today's speed on rows of 2 (per-entry tables), 1.8x on rows of 100 and 2.7x on rows of
+    1,000; but a cold compile costs 10-60 s (0.1-3 s from inductor's disk cache), which
+    pays back only where a step saves milliseconds, i.e. on big batches. Where compiling fails, ``None`` and ``True`` warn
+    once (``FusedUnavailableWarning``) and run today's executor. The tasks pass ``False``:
+    their stored scores were computed by today's executor (``RosenbrockTask(fused=True)``
+    opts in, under a fingerprint of its own). ``fused`` says which path the last update took.
     """
 
     def __init__(self, programs: Sequence[Program], hyper: Hyper = Hyper(),
                  generator: torch.Generator | None = None, device: torch.device | str | None = None, *,
-                 seed: int = 0, seeds: Sequence[int] | None = None):
+                 seed: int = 0, seeds: Sequence[int] | None = None, fused: bool | None = None):
         if not programs:
             raise ValueError("BatchedRule needs at least one program")
         self.programs = list(programs)
@@ -431,6 +452,14 @@ class BatchedRule:
         self.seeds: tuple[int, ...] = tuple(int(x) for x in seeds)
         self.plan: Plan = build_plan(self.programs)
         self._executor: _Executor | None = None
+        if fused not in (None, True, False):
+            raise ValueError(f"fused must be None, True or False, got {fused!r}")
+        #: the ``fused`` argument (see the class docstring)
+        self.fused_arg: bool | None = fused
+        self._fused: _FusedExecutor | None = None
+        # the fused path's code shape (depth, averages, noise, drop): at least this batch's;
+        # a ``select``ed rule keeps its parent's, so dropping rows never compiles another kernel
+        self._code_shape = _code_shape(self.programs, self.plan.averages)
 
     def __len__(self) -> int:
         return len(self.programs)
@@ -446,6 +475,10 @@ class BatchedRule:
         if R != len(self.programs):
             raise ValueError(f"grad has {R} rows for {len(self.programs)} rules")
         D = grad.numel() // R
+        on = self.fused_arg is not False and _fused.available() and self._fused_update_ok(D, grad)
+        self._last_fused = on
+        if on:
+            return self._fused.update(state, grad, params)
         ex = self._executor
         if ex is None or ex.key != (D, grad.dtype, grad.device):
             ex = self._executor = _Executor(self.plan, D, grad.dtype, grad.device, self.hyper, self.seeds)
@@ -457,6 +490,26 @@ class BatchedRule:
         d = ex.run(g, params.reshape(R, D), averages, step, known)
         return d.view_as(grad), RuleState(step, averages)
 
+    @property
+    def fused(self) -> bool | None:
+        """Whether the last ``update`` took the fused path (None before the first)."""
+        return self._last_fused
+
+    _last_fused: bool | None = None
+
+    def _fused_update_ok(self, width: int, grad: Tensor) -> bool:
+        """Whether this update takes the fused path (and its executor is bound and compiled)."""
+        on = self.fused_arg is True or (grad.device.type in ("cpu", "cuda") and width >= FUSED_MIN_WIDTH
+                                        and grad.numel() >= FUSED_MIN_NUMEL)
+        if on:
+            fx = self._fused
+            if fx is None or fx.key != (width, grad.dtype, grad.device):
+                fx = _FusedExecutor(self, width, grad.dtype, grad.device)
+                self._fused = fx
+            with fx.threads(grad):
+                on = fx.code.ready(grad.dtype, grad.device)
+        return on
+
     def select(self, rows: Sequence[int] | Tensor, state: RuleState) -> tuple[BatchedRule, RuleState]:
         """The rule of rows ``rows`` only (in that order), and their part of ``state``.
 
@@ -467,7 +520,8 @@ class BatchedRule:
         """
         index = [int(i) for i in (rows.tolist() if isinstance(rows, Tensor) else rows)]
         rule = BatchedRule([self.programs[i] for i in index], self.hyper, device=self.device,
-                           seeds=[self.seeds[i] for i in index])
+                           seeds=[self.seeds[i] for i in index], fused=self.fused_arg)
+        rule._code_shape = _join_shapes(rule._code_shape, self._code_shape)
         averages = {}
         for name in rule.plan.averages:
             avg = state.averages[name]
@@ -624,6 +678,86 @@ class _Executor:
         out = self.out
         d = out.clone() if self.output_index is None else out.index_select(0, self.output_index)
         return d.view(g.dtype)
+
+
+def _code_shape(programs: Sequence[Program], averages: tuple[str, ...]) -> tuple[int, tuple[str, ...], bool, bool]:
+    """(depth, averages, whether a row reads noise, whether one drops): what the fused step's code depends on."""
+    tokens = {t for p in programs for t in p.tokens}
+    return (max(p.depth for p in programs), tuple(averages), "noise" in tokens, bool(tokens & set(DROP_RATES)))
+
+
+def _join_shapes(a: tuple, b: tuple) -> tuple:
+    return (max(a[0], b[0]), tuple(sorted(set(a[1]) | set(b[1]))), a[2] or b[2], a[3] or b[3])
+
+
+class _FusedExecutor:
+    """``BatchedRule``'s fused path (``nos_gym.fused_batched``) bound to rows of ``width``
+    numbers of one dtype on one device: the per-row opcode tables, the noise generator."""
+
+    def __init__(self, rule: BatchedRule, width: int, dtype: torch.dtype, device: torch.device):
+        from nos_gym import fused_batched as fb
+
+        self.key = (width, dtype, device)
+        self.hyper = rule.hyper
+        depth, self.averages, noise, drop = rule._code_shape
+        self.flat = width < FUSED_FLAT_BELOW
+        self.tables = t = fb.BatchedTables(rule.programs, rule.seeds, width, dtype, device, self.flat, depth)
+        self.code = fb.batched_step(depth, self.averages, noise, drop, rule.hyper, self.flat)
+        self._zeros: dict[str, Tensor] = {}  # averages the code keeps but this batch does not need
+        self.noise = (_Streams(t.noise_draws, rule.seeds, width, device, "normal", dtype, rule.hyper.noise_std)
+                      if t.noise_draws else None)
+        self._step_key = fb.step_count_key
+
+    def update(self, state: RuleState, grad: Tensor, params: Tensor) -> tuple[Tensor, RuleState]:
+        R, h, t = grad.shape[0], self.hyper, self.tables
+        shape = (grad.numel(),) if self.flat else (R, grad.numel() // R)
+        step = state.step + 1
+        avg = [state.averages[k].reshape(shape).contiguous() if k in state.averages else self._zero(k, shape, grad)
+               if k in self.averages else None for k in ("m", "v", "y")]
+        s = torch.tensor([1.0 - h.beta1 ** step, 1.0 - h.beta2 ** step, 1.0 - h.beta3 ** step],
+                         dtype=grad.dtype, device=grad.device)
+        tg = self._step_key(step).to(grad.device) if t.drop else None
+        normals = (self.noise.at(step) if self.noise is not None
+                   else self._zero("normals", (1, self.key[0]), grad) if self.code.noise else None)
+        if tg is None and self.code.drop:
+            tg = self._zero("tg", (1,), grad, torch.int64)
+        g, w = grad.reshape(shape).contiguous(), params.reshape(shape).contiguous()
+        with self.threads(grad):
+            d, m, v, y = self.code(g, w, *avg, s, t.codes, t.level, t.rate, t.keys, tg, normals, *t.args())
+        new = {k: x.view_as(grad) for k, x in (("m", m), ("v", v), ("y", y)) if k in state.averages}
+        return d.view_as(grad), RuleState(step, new)
+
+    @contextlib.contextmanager
+    def threads(self, grad: Tensor):
+        """One CPU thread for small steps. inductor's CPU kernel runs an OpenMP team whatever
+        the size, and on a busy machine a team of 2 waiting for a core stalled a step of a
+        few thousand entries for ~10 ms (ATen's kernels stay serial below 32k entries)."""
+        n = torch.get_num_threads()
+        if n == 1 or grad.device.type != "cpu" or grad.numel() >= FUSED_PARALLEL_FROM:
+            yield
+            return
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(n)
+
+    def _zero(self, name: str, shape: tuple, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        z = self._zeros.get(name)
+        if z is None or z.shape != shape:
+            z = self._zeros[name] = torch.zeros(shape, dtype=dtype or like.dtype, device=like.device)
+        return z
+
+
+#: the fused path's steps of fewer entries than this run on one CPU thread (``_FusedExecutor.threads``)
+FUSED_PARALLEL_FROM = 1 << 16
+#: the fused path's rows narrower than this run with per-entry tables (``flat``; see ``nos_gym.fused_batched``)
+FUSED_FLAT_BELOW = 16
+#: ``BatchedRule(fused=None)`` takes the fused path for rows at least this wide (the per-row
+#: tables; narrower rows take it only with ``fused=True``) in batches of at least this many entries
+#: (where a step saves ~15 ms or more: a compile of seconds pays back; see ``BatchedRule``)
+FUSED_MIN_WIDTH = FUSED_FLAT_BELOW
+FUSED_MIN_NUMEL = 1 << 19
 
 
 def _index(rows: Sequence[int], device: torch.device) -> Tensor:

@@ -206,7 +206,7 @@ def probe_inputs() -> ProbeInputs:
 def _rule(programs: list[Program]) -> BatchedRule:
     """A BatchedRule whose every row draws as a rule alone seeded with PROBE_SEED would."""
     if PER_ROW_SEEDS:
-        return BatchedRule(programs, _HYPER, seeds=[PROBE_SEED] * len(programs))  # type: ignore[call-arg]
+        return BatchedRule(programs, _HYPER, seeds=[PROBE_SEED] * len(programs), fused=False)  # type: ignore[call-arg]
     return BatchedRule(programs, _HYPER, generator=torch.Generator().manual_seed(PROBE_SEED))
 
 

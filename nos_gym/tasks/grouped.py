@@ -209,7 +209,8 @@ def train_children(programs: Sequence[Program], lrs: Sequence[float] | Tensor, t
     if resume is None:
         init = (init if init is not None else init_child(seed, filters)).to(device)
         net = GroupedConvNet(b, init, filters, channels_last).to(device).train()
-        rule = BatchedRule(programs, hyper=hyper, device=device, seed=int(seed), seeds=stream_seeds)
+        # fused=False: the fused path rounds exp/log differently (1 ulp), and scores are stored by task fingerprint
+        rule = BatchedRule(programs, hyper=hyper, device=device, seed=int(seed), seeds=stream_seeds, fused=False)
         state = rule.init(net.flat.detach())
         alive = torch.ones(b, 1, dtype=torch.bool, device=device)
     else:  # continue where an earlier call stopped (successive halving)

@@ -108,7 +108,7 @@ class QuadraticTask(LossGridTask):
         R = len(rows)
         draws = [0] * len(programs) if draws is None else draws
         seeds = [stream_seed(self.seed, p.canonical_key, j) if p.stochastic else 0 for p, j in zip(programs, draws)]
-        rule = BatchedRule(rows, Hyper(), seeds=[s for s in seeds for _ in range(L)])
+        rule = BatchedRule(rows, Hyper(), seeds=[s for s in seeds for _ in range(L)], fused=False)  # as stored scores
         params = self.start.repeat(R, 1)
         lr = torch.tensor(self.learning_rates, dtype=torch.float64).repeat(len(programs))
         lr = lr.view(R, 1).expand(R, self.dim).contiguous()
