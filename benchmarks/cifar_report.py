@@ -92,17 +92,19 @@ def figure4(runs: dict[str, dict[str, Any]], cpu: dict[str, dict[str, Any]], out
         line, = ax.plot(x[w - 1:], np.convolve(r, np.ones(w) / w, mode="valid"), lw=1.8,
                         label=f"{name}: mean of the last {w} sampled")
         ax.plot(x, np.maximum.accumulate(r), lw=1, ls="--", color=line.get_color(), label=f"{name}: best so far")
-    for i, (label, d) in enumerate(sorted(cpu.items(), key=lambda kv: -kv[1]["reward"])):
-        ax.axhline(d["reward"], lw=0.8, ls=":", color="grey")
-        ax.annotate(f"{label} {d['reward']:.3f}", (1.0, d["reward"]), xycoords=("axes fraction", "data"),
-                    fontsize=7, color="grey", ha="left", va="center", xytext=(3, 4 * (i % 2) - 2),
-                    textcoords="offset points")
+    if cpu:  # the classics as grey lines, named in one box (their values lie too close for labels)
+        for d in cpu.values():
+            ax.axhline(d["reward"], lw=0.8, ls=":", color="grey")
+        ax.text(0.99, 0.34, "dotted: the classics on this reward\n" + "\n".join(
+                    f"{label} {d['reward']:.3f}" for label, d in sorted(cpu.items(), key=lambda kv: -kv[1]["reward"])),
+                transform=ax.transAxes, fontsize=7, ha="right", va="bottom", color="dimgrey",
+                bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.8, "edgecolor": "lightgrey"})
     ax.set_xlabel("Number of sampled optimizers")
     ax.set_ylabel("Reward (validation accuracy of the child, cpu protocol)")
     ax.set_ylim(0.0, 0.75)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left")
-    ax.set_title("Reward of sampled rules (cf. the paper's Figure 4: 0.58 -> 0.66 over ~45,000 rules)")
+    ax.set_title("Figure 4 on CIFAR-10: the reward of sampled rules (cpu protocol, multi-fidelity)")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
