@@ -141,29 +141,28 @@ def _print_rows(kind, total, n_tensors, rounds, device, rows, compile_s) -> None
     print(f"PowerSign/AddSign fused <= 0.8x Adam(foreach) (by min): {'met' if ok else 'NOT met'}")
 
 
+def descend(rule: BatchedRule, w0: torch.Tensor, steps: int, sync: bool = True) -> None:
+    """``steps`` steps of ``rule`` on |w|^2 / 2 (its gradient is w), from ``w0``."""
+    w = w0.clone()
+    state = rule.init(w)
+    for _ in range(steps):
+        d, state = rule.update(state, w, w)
+        w = w - 1e-3 * d
+    if sync and w.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def batched_vs_loop(n_rules: int, n_params: int, steps: int, depth: int, device: str) -> tuple[float, float]:
     programs = Masker(get_space("full"), depth).sample_many(n_rules, seed=0)
     gen = torch.Generator(device=device).manual_seed(0)
     w0 = torch.randn(n_rules, n_params, device=device)
 
     def run_batched():
-        rule = BatchedRule(programs, generator=gen)
-        w = w0.clone()
-        state = rule.init(w)
-        for _ in range(steps):
-            d, state = rule.update(state, w, w)  # gradient of |w|^2 / 2
-            w = w - 1e-3 * d
-        if device == "cuda":
-            torch.cuda.synchronize()
+        descend(BatchedRule(programs, generator=gen), w0, steps)
 
     def run_loop():
         for i, p in enumerate(programs):
-            rule = BatchedRule([p], generator=gen)
-            w = w0[i : i + 1].clone()
-            state = rule.init(w)
-            for _ in range(steps):
-                d, state = rule.update(state, w, w)
-                w = w - 1e-3 * d
+            descend(BatchedRule([p], generator=gen), w0[i : i + 1], steps, sync=False)
         if device == "cuda":
             torch.cuda.synchronize()
 
@@ -191,29 +190,20 @@ def fused_batched_table(n_rules: int, sizes: list[int], steps: int, rounds: int,
     print(f"{'params/rule':>11} {'fused min ms':>12} {'med':>7} {'today min ms':>12} {'med':>7} "
           f"{'speed-up min':>12} {'med':>5} {'1st use s':>9}")
 
-    def run(rule, w0, n):
-        w = w0.clone()
-        state = rule.init(w)
-        for _ in range(n):
-            d, state = rule.update(state, w, w)  # gradient of |w|^2 / 2
-            w = w - 1e-3 * d
-        if device == "cuda":
-            torch.cuda.synchronize()
-
     for n_params in sizes:
         w0 = torch.randn(n_rules, n_params, device=device, generator=torch.Generator(device=device).manual_seed(0))
         rules = {"fused": BatchedRule(programs, seed=0, fused=True), "today": BatchedRule(programs, seed=0, fused=False)}
         start = time.perf_counter()
-        run(rules["fused"], w0, 1)  # compiles (or loads inductor's cached build)
+        descend(rules["fused"], w0, 1)  # compiles (or loads inductor's cached build)
         first = time.perf_counter() - start
-        run(rules["today"], w0, 2)
-        run(rules["fused"], w0, 2)
+        descend(rules["today"], w0, 2)
+        descend(rules["fused"], w0, 2)
         samples = {k: [] for k in rules}
         for r in range(rounds):
             for k in (("fused", "today") if r % 2 == 0 else ("today", "fused")):
                 gc.collect()
                 start = time.perf_counter()
-                run(rules[k], w0, steps)
+                descend(rules[k], w0, steps)
                 samples[k].append((time.perf_counter() - start) / steps)
         f, t = samples["fused"], samples["today"]
         print(f"{n_params:>11,} {min(f) * 1e3:>12.3f} {statistics.median(f) * 1e3:>7.3f} {min(t) * 1e3:>12.3f} "

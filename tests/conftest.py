@@ -12,3 +12,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def compiling_fails(monkeypatch):
+    """torch.compile made unavailable, as on a machine without a C++ compiler: nos_gym.fused's
+    compile step raises, and its "already warned" flag is reset so that the warning is seen."""
+    from nos_gym import fused
+
+    def broken(fn):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(fused, "_unavailable", None)
+    monkeypatch.setattr(fused, "_compile", broken)
+

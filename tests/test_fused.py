@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from numerics_helpers import max_rel_error as _rel
 
 from nos_gym import fused
 from nos_gym.dsl import Masker, get_space, parse
@@ -23,15 +24,6 @@ pytestmark = pytest.mark.numerics
 
 STEPS = 100
 N_RANDOM = 64  # random rules of the 'full' space (deterministic and stochastic), depth 1 and 2
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    fa, fb = torch.isfinite(a), torch.isfinite(b)
-    assert torch.equal(fa, fb), "non-finite entries differ"
-    assert torch.equal(a[~fa].nan_to_num(), b[~fb].nan_to_num()), "non-finite entries differ"
-    if not fa.any():
-        return 0.0
-    return ((a[fa] - b[fb]).abs().max() / b[fb].abs().max().clamp_min(1e-30)).item()
 
 
 # --------------------------------------------------------------- quadratic trajectories
@@ -173,14 +165,8 @@ def test_fused_none_chooses_by_size():
     assert fused.use_fused(None, [torch.zeros(fused.FUSED_MIN_NUMEL)]) is fused.available()
 
 
-def test_fallback_when_compiling_fails_warns_once_and_matches_foreach(monkeypatch):
-    monkeypatch.setattr(fused, "_unavailable", None)
+def test_fallback_when_compiling_fails_warns_once_and_matches_foreach(monkeypatch, compiling_fails):
     monkeypatch.setattr(fused, "_cache", {})
-
-    def broken(fn):
-        raise RuntimeError("no C++ compiler here")
-
-    monkeypatch.setattr(fused, "_compile", broken)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         a, opt = _trajectory(lambda p: NOSOptimizer(p, rule="optimizer_2", lr=1e-2, seed=7, fused=True), steps=20)

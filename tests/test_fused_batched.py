@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+from numerics_helpers import max_rel_error as _rel
 
 from nos_gym import fused, fused_batched
 from nos_gym.dsl import Masker, get_space, parse
@@ -74,15 +75,6 @@ def runs():
     finally:
         torch.set_num_threads(threads)
     return out
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    fa, fb = torch.isfinite(a), torch.isfinite(b)
-    assert torch.equal(fa, fb), "non-finite entries differ"
-    assert torch.equal(a[~fa].nan_to_num(), b[~fb].nan_to_num()), "non-finite entries differ"
-    if not fa.any():
-        return 0.0
-    return ((a[fa] - b[fb]).abs().max() / b[fb].abs().max().clamp_min(1e-30)).item()
 
 
 @pytest.mark.parametrize("width", [37, 2], ids=["rows-of-37", "rows-of-2-flat"])
@@ -150,14 +142,8 @@ def test_select_keeps_the_fused_path(runs):
     assert torch.equal(d2.nan_to_num(), d[::2].nan_to_num()) and torch.equal(d2.isnan(), d[::2].isnan())
 
 
-def test_fallback_when_compiling_fails_warns_once_and_matches(monkeypatch):
-    monkeypatch.setattr(fused, "_unavailable", None)
+def test_fallback_when_compiling_fails_warns_once_and_matches(monkeypatch, compiling_fails):
     monkeypatch.setattr(fused_batched, "_codes", {})
-
-    def broken(fn):
-        raise RuntimeError("no C++ compiler here")
-
-    monkeypatch.setattr(fused, "_compile", broken)
     programs = [parse("g * exp(sign(g) * sign(m))"), parse("drop(g, 0.3) + noise"), parse("ADAM")]
     w0 = torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings(record=True) as caught:
