@@ -68,28 +68,21 @@ from _common import OUT_ROOT, format_seconds, machine, markdown_table  # noqa: E
 OUT = OUT_ROOT / "fidelity"
 
 #: the CPU protocols measured against "fast" by ``--part preset`` (the chosen one became PRESETS["cpu"])
+def _candidate(sweep: int, train: int, epochs: int, val: int = 2_000, **more: Any) -> dict[str, Any]:
+    """fast's five rates with ``sweep`` sweep images, ``epochs`` of ``train`` at the best, batch 50."""
+    return {"preset": "fast", "sweep_examples": sweep, "train_examples": train, "train_epochs": epochs,
+            "val_examples": val, "batch_size": 50, **more}
+
+
 CANDIDATES: dict[str, dict[str, Any]] = {
-    # fast's five rates, 2,000 sweep images, 2 epochs of 8,000, batch 50: 26,000 child-images
-    "cpu-a": {"preset": "fast", "sweep_examples": 2_000, "train_examples": 8_000, "train_epochs": 2,
-              "val_examples": 1_000, "batch_size": 50},
-    # the same with 2,000 validation images (rate choice and reward less noisy)
-    "cpu-b": {"preset": "fast", "sweep_examples": 2_000, "train_examples": 8_000, "train_epochs": 2,
-              "val_examples": 2_000, "batch_size": 50},
-    # cheaper: 1,000 sweep images, one epoch of 10,000 (15,000 child-images)
-    "cpu-c": {"preset": "fast", "sweep_examples": 1_000, "train_examples": 10_000, "train_epochs": 1,
-              "val_examples": 2_000, "batch_size": 50},
-    # one pass over more distinct images: 1,000 sweep images, one epoch of 16,000 (21,000)
-    "cpu-f": {"preset": "fast", "sweep_examples": 1_000, "train_examples": 16_000, "train_epochs": 1,
-              "val_examples": 2_000, "batch_size": 50},
-    # 2,000 sweep images, one epoch of 20,000 (fast's first epoch, 400 steps of 50; 30,000)
-    "cpu-g": {"preset": "fast", "sweep_examples": 2_000, "train_examples": 20_000, "train_epochs": 1,
-              "val_examples": 2_000, "batch_size": 50},
-    # 2,000 sweep images, 2 epochs of 12,000 (480 steps; 34,000)
-    "cpu-h": {"preset": "fast", "sweep_examples": 2_000, "train_examples": 12_000, "train_epochs": 2,
-              "val_examples": 2_000, "batch_size": 50},
+    "cpu-a": _candidate(2_000, 8_000, 2, val=1_000),  # 2 epochs of 8,000: 26,000 child-images
+    "cpu-b": _candidate(2_000, 8_000, 2),  # the same with 2,000 validation images (less noisy)
+    "cpu-c": _candidate(1_000, 10_000, 1),  # cheaper: one epoch of 10,000 (15,000)
+    "cpu-f": _candidate(1_000, 16_000, 1),  # one pass over more distinct images (21,000)
+    "cpu-g": _candidate(2_000, 20_000, 1),  # fast's first epoch, 400 steps of 50 (30,000)
+    "cpu-h": _candidate(2_000, 12_000, 2),  # 2 epochs of 12,000, 480 steps (34,000)
     # cpu-f with other initial weights and minibatches: how much of the disagreement is seed noise
-    "cpu-f-s1": {"preset": "fast", "sweep_examples": 1_000, "train_examples": 16_000, "train_epochs": 1,
-                 "val_examples": 2_000, "batch_size": 50, "seed": 1},
+    "cpu-f-s1": _candidate(1_000, 16_000, 1, seed=1),
 }
 
 
