@@ -11,9 +11,12 @@
     The loop is timed on a sample of candidates at full length and extrapolated linearly
     to 1,024 (each candidate costs the same there, so the extrapolation is a product,
     not a guess about scaling); the table says so. Goal: >= 500 candidates/s on 2 CPU
-    cores and >= 100x the per-candidate loop. Also the same batch through ``BatchedRule``'s
-    fused path (``RosenbrockTask(fused=True)``: one compiled opcode kernel per step, issue 14;
-    its compile is done before timing). Goal (issue 14): >= 5,000 candidates/s on 2 cores.
+    cores and >= 100x the per-candidate loop. Also the same batch through the task's other
+    executors: ``BatchedRule``'s fused path (``executor="fused"``: one compiled opcode kernel
+    per step; its compile is done before timing) and the native kernel (``executor="native"``,
+    ``nos_gym.native``: the whole run in one C++ call; 1 process, 2 processes, and 1 process
+    with 2 kernel threads), with how many rewards each gives differently from ``BatchedRule``.
+    Goal (issue 14): >= 5,000 candidates/s on 2 cores.
 
     python benchmarks/env_throughput.py             # full sizes (about 1-2 minutes)
     python benchmarks/env_throughput.py --quick     # small sizes, seconds
@@ -35,6 +38,7 @@ import numpy as np
 import torch
 
 import nos_gym  # noqa: F401  (registers the ids)
+from nos_gym import native
 from nos_gym.dsl import Masker, Program, get_space
 from nos_gym.envs import OptimizerSearchEnv, OptimizerSearchVectorEnv
 from nos_gym.optim import NOSOptimizer
@@ -98,32 +102,35 @@ def env_steps(episodes: int, depth: int, num_envs: int) -> list[tuple[str, float
 
 
 # ------------------------------------------------------------------------------ (b)
-def _score(programs: list[Program], iterations: int, fused: bool = False) -> tuple[list[float], float]:
-    """Rewards, and the CPU seconds this process spent on them."""
+def _score(programs: list[Program], iterations: int, executor: str = "batched",
+           threads: int = 1) -> tuple[list[float], float]:
+    """Rewards, and the CPU seconds this process spent on them (``threads``: the native kernel's)."""
     torch.set_num_threads(1)
+    task = RosenbrockTask(iterations=iterations, executor=executor, threads=threads)
     gc.collect()
     cpu = time.process_time()
-    rewards = [r.reward for r in RosenbrockTask(iterations=iterations, fused=fused).evaluate(programs)]
+    rewards = [r.reward for r in task.evaluate(programs)]
     return rewards, time.process_time() - cpu
 
 
-def batched_seconds(programs: list[Program], iterations: int, fused: bool = False) -> tuple[float, float, list[float]]:
+def batched_seconds(programs: list[Program], iterations: int, executor: str = "batched",
+                    threads: int = 1) -> tuple[float, float, list[float]]:
     gc.collect()
     start = time.perf_counter()
-    rewards, cpu = _score(programs, iterations, fused)
+    rewards, cpu = _score(programs, iterations, executor, threads)
     return time.perf_counter() - start, cpu, rewards
 
 
 def parallel_seconds(programs: list[Program], iterations: int, workers: int,
-                     fused: bool = False) -> tuple[float, float, list[float]]:
+                     executor: str = "batched") -> tuple[float, float, list[float]]:
     chunks = [programs[i::workers] for i in range(workers)]
     with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool:
         # warm up (the fused path: its compile, or inductor's cached build, in every worker)
-        list(pool.map(_score, [programs[:64] if fused else [programs[0]]] * workers, [10] * workers,
-                      [fused] * workers))
+        list(pool.map(_score, [programs[:64] if executor == "fused" else [programs[0]]] * workers, [10] * workers,
+                      [executor] * workers))
         gc.collect()
         start = time.perf_counter()
-        parts = list(pool.map(_score, chunks, [iterations] * workers, [fused] * workers))
+        parts = list(pool.map(_score, chunks, [iterations] * workers, [executor] * workers))
         elapsed = time.perf_counter() - start
     rewards = [0.0] * len(programs)
     for i, (part, _) in enumerate(parts):
@@ -159,6 +166,9 @@ def main() -> None:
     if args.quick:
         args.candidates, args.iterations, args.loop_sample, args.repeats = 128, 200, 2, 1
     torch.set_num_threads(1)
+    start = time.perf_counter()
+    native.available()  # build (or load) the native kernel before anything is timed
+    native_build_s = time.perf_counter() - start
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs visible, 1 torch thread per process, "
           f"torch {torch.__version__}")
 
@@ -180,22 +190,27 @@ def main() -> None:
     # the batched rows are repeated, interleaved, and the fastest run of each is kept (as
     # timeit does): on a shared machine a slow run measures the neighbours, not the code
     runs: dict[str, list[tuple[float, float]]] = {}
-    if not args.no_fused:  # the compile (or inductor's cached build), before any timing
+    rewards: dict[str, list[float]] = {}
+    executors = ["batched"] + ([] if args.no_fused else ["fused"]) + (["native"] if native.available() else [])
+    if "fused" in executors:  # the compile (or inductor's cached build), before any timing
         start = time.perf_counter()
-        batched_seconds(programs[:64], 10, fused=True)
+        batched_seconds(programs[:64], 10, "fused")
         print(f"fused path: first use (compile, or load from inductor's disk cache) {time.perf_counter() - start:.1f} s")
+    if "native" in executors:
+        print(f"native kernel: built or loaded in {native_build_s:.1f} s")
+    labels = {"batched": "one batch (BatchedRule)", "fused": "one batch, fused (executor='fused')",
+              "native": "native kernel (executor='native')"}
     for _ in range(args.repeats):
-        batched_s, batched_c, _ = batched_seconds(programs, args.iterations)
-        runs.setdefault("one batch (BatchedRule), 1 process", []).append((batched_s, batched_c))
-        if args.workers > 1:
-            par_s, par_c, _ = parallel_seconds(programs, args.iterations, args.workers)
-            runs.setdefault(f"batch split over {args.workers} processes (CPU s: slowest)", []).append((par_s, par_c))
-        if not args.no_fused:
-            fused_s, fused_c, _ = batched_seconds(programs, args.iterations, fused=True)
-            runs.setdefault("one batch, fused (RosenbrockTask(fused=True)), 1 process", []).append((fused_s, fused_c))
+        for ex in executors:
+            sec, cpu, rw = batched_seconds(programs, args.iterations, ex)
+            runs.setdefault(f"{labels[ex]}, 1 process", []).append((sec, cpu))
+            rewards[ex] = rw
             if args.workers > 1:
-                par_s, par_c, _ = parallel_seconds(programs, args.iterations, args.workers, fused=True)
-                runs.setdefault(f"fused, split over {args.workers} processes (CPU s: slowest)", []).append((par_s, par_c))
+                par_s, par_c, _ = parallel_seconds(programs, args.iterations, args.workers, ex)
+                runs.setdefault(f"{labels[ex]}, {args.workers} processes (CPU s: slowest)", []).append((par_s, par_c))
+            if ex == "native" and args.workers > 1:
+                sec, cpu, _ = batched_seconds(programs, args.iterations, ex, threads=args.workers)
+                runs.setdefault(f"{labels[ex]}, 1 process, {args.workers} kernel threads", []).append((sec, cpu))
     results = [(name, *min(times)) for name, times in runs.items()]
     n = args.candidates
     for name, sec, cpu in results:
@@ -207,6 +222,10 @@ def main() -> None:
     print(f"the per-candidate loop was timed on {args.loop_sample} candidates at full length "
           f"({loop_wall / n:.2f} s each, {len(lrs)} LRs x {args.iterations} steps) and multiplied by {n}.\n"
           "CPU s is this process's CPU time: on a shared machine wall time also counts other people's work.")
+    for ex in executors[1:]:
+        diff = np.abs(np.array(rewards[ex]) - np.array(rewards["batched"]))
+        print(f"rewards, {ex} vs batched: {int((diff <= 1e-6).sum())} of {n} within 1e-6, "
+              f"{int((diff > 0.01).sum())} differ by more than 0.01 (max {diff.max():.3f})")
     print("goal: >= 500 candidates/s on 2 CPU cores, >= 100x the per-candidate loop; "
           "issue 14: >= 5,000 candidates/s on 2 cores")
 

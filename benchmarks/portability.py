@@ -58,9 +58,38 @@ def score(rules: int, seed: int) -> dict[str, dict[str, float]]:
     programs += [parse(text) for text in table1().values() if not parse(text).stochastic]
     keys = [p.canonical_key for p in programs]
     out: dict[str, dict[str, float]] = {}
-    for task_name in ("rosenbrock", "quadratic"):
-        results = make(task_name).evaluate(programs)
+    for task_name, (name, options) in TASKS.items():
+        results = make(name, **options).evaluate(programs)
         out[task_name] = {str(k): float(r.reward) for k, r in zip(keys, results)}
+    return out
+
+
+#: the tasks compared: Rosenbrock through torch's executor and through the native kernel
+#: (``nos_gym.native``, the default where it builds), and the quadratic
+TASKS = {"rosenbrock": ("rosenbrock", {"executor": "batched"}), "rosenbrock-native": ("rosenbrock", {"executor": "native"}),
+         "quadratic": ("quadratic", {})}
+#: the native kernel compiled for: SSE2 only, AVX2 (x86-64-v3), and the host's own CPU
+NATIVE_ARCHS = ("x86-64", "x86-64-v3", "native")
+
+
+def native_builds(rules: int, seed: int) -> dict[str, dict[str, float]]:
+    """Rewards of the batch (stochastic rules included) from the native kernel built for each of
+    ``NATIVE_ARCHS``: what a machine with narrower vector units computes, on this one."""
+    import torch
+
+    from nos_gym import native
+    from nos_gym.dsl import Masker, get_space
+    from nos_gym.tasks.rosenbrock import RosenbrockTask
+
+    torch.set_num_threads(1)
+    programs = Masker(get_space("full"), 2).sample_many(rules, seed, distinct=True)
+    keys = [str(p.canonical_key) for p in programs]
+    out = {}
+    for arch in NATIVE_ARCHS:
+        native.library(arch)  # build it (cached)
+        task = RosenbrockTask(executor="native")
+        task.native_arch = arch
+        out[arch] = dict(zip(keys, (float(r.reward) for r in task.evaluate(programs))))
     return out
 
 
@@ -90,13 +119,22 @@ def main(argv: list[str] | None = None) -> dict:
         scores[cap] = json.loads(proc.stdout)
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores; kernel sets: {', '.join(caps)}")
     print(f"# {a.rules} random deterministic depth-2 rules (full space, seed {a.seed}) + Table 1's deterministic rules")
-    print(f"{'task':<11} {'pair':<17} {'rules':>5} {'identical':>9} {'|d|>1e-3':>8} {'|d|>1e-2':>8} {'max |d|':>9}")
+    print(f"{'task':<17} {'pair':<17} {'rules':>5} {'identical':>9} {'|d|>1e-3':>8} {'|d|>1e-2':>8} {'max |d|':>9}")
     table = {}
-    for task_name in ("rosenbrock", "quadratic"):
+    for task_name in TASKS:
         for x, y in combinations(caps, 2):
             c = compare(scores[x][task_name], scores[y][task_name])
             table[f"{task_name}:{x}-{y}"] = c
-            print(f"{task_name:<11} {x + ' vs ' + y:<17} {c['rules']:>5} {c['identical']:>9} {c['over_1e-3']:>8} "
+            print(f"{task_name:<17} {x + ' vs ' + y:<17} {c['rules']:>5} {c['identical']:>9} {c['over_1e-3']:>8} "
+                  f"{c['over_1e-2']:>8} {c['max']:>9.4f}")
+    if platform.machine() in ("x86_64", "AMD64"):
+        builds = native_builds(a.rules, a.seed)
+        print(f"# the native kernel built for {', '.join(NATIVE_ARCHS)}: {a.rules} random depth-2 rules "
+              "(full space, stochastic ones included), 4 draws each")
+        for x, y in combinations(NATIVE_ARCHS, 2):
+            c = compare(builds[x], builds[y])
+            table[f"native:{x}-{y}"] = c
+            print(f"{'rosenbrock-native':<17} {x + ' vs ' + y:<17} {c['rules']:>5} {c['identical']:>9} {c['over_1e-3']:>8} "
                   f"{c['over_1e-2']:>8} {c['max']:>9.4f}")
     return table
 

@@ -32,16 +32,18 @@ def grid_results(losses: np.ndarray, learning_rates: Sequence[float],
     ``final_losses`` (learning rate as text -> loss, None for a diverged run).
     """
     results = []
-    for row in losses:
-        finite = np.isfinite(row)
-        per_lr = {f"{lr:g}": (float(v) if ok else None) for lr, v, ok in zip(learning_rates, row, finite)}
-        if not finite.any():
+    labels = [f"{lr:g}" for lr in learning_rates]
+    finite = np.isfinite(losses)
+    best_of = np.argmin(np.where(finite, losses, np.inf), axis=1) if losses.size else []
+    # plain Python floats and bools from here: a batch has thousands of rows
+    for row, ok_row, any_ok, best in zip(losses.tolist(), finite.tolist(), finite.any(axis=1).tolist(), best_of):
+        per_lr = {label: (v if ok else None) for label, v, ok in zip(labels, row, ok_row)}
+        if not any_ok:
             results.append(Result(0.0, {"best_loss": None, "best_lr": None, "final_losses": per_lr},
                                   error="diverged at every learning rate (final loss NaN or inf)"))
             continue
-        best = int(np.argmin(np.where(finite, row, np.inf)))
-        best_loss = float(row[best])
-        results.append(Result(score(best_loss), {"best_loss": best_loss, "best_lr": float(learning_rates[best]),
+        best_loss = row[int(best)]
+        results.append(Result(score(best_loss), {"best_loss": best_loss, "best_lr": float(learning_rates[int(best)]),
                                                  "final_losses": per_lr}))
     return results
 

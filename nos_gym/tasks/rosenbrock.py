@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from nos_gym import native
 from nos_gym.dsl import Program
 from nos_gym.dsl.table1 import get_rule
 from nos_gym.random_streams import stream_seed
@@ -69,6 +70,10 @@ X_RANGE: tuple[float, float] = (-2.0, 2.0)
 Y_RANGE: tuple[float, float] = (-1.0, 3.0)
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
+#: the task's executors (see ``RosenbrockTask``)
+EXECUTORS = ("auto", "native", "batched", "fused")
+#: steps at which rows that diverged are dropped (speed only: no finite row's numbers change)
+_CHECKPOINTS = (25, 100, 400, 1600)
 
 
 def rosenbrock(x: Any, y: Any, a: float = 1.0, b: float = 100.0) -> Any:
@@ -94,19 +99,34 @@ class RosenbrockTask(LossGridTask):
         seed: seeds ``drop`` and ``noise`` (with the rule and the draw: ``stream_seed``).
         dtype: "float64" (default) or "float32".
         draws: evaluations a stochastic rule's reward is the mean of.
-        fused: run the rules through ``BatchedRule``'s fused path (one compiled kernel per
-            step, ``nos_gym.fused_batched``). Off by default: its exp/log round differently
-            from ATen's (1 ulp), so some trajectories, and rewards, differ from the stored
-            ones; on, it is part of the fingerprint (``config``), so scores never mix.
+        executor: what runs the rules (each is part of the fingerprint, so scores of
+            different executors never mix: their exp, log and sqrt round differently, and
+            chaotic trajectories amplify an ulp):
+
+            - ``"auto"`` (default): ``"native"`` where it builds, else ``"batched"``
+              (decided here, once; ``self.executor`` says which);
+            - ``"native"``: the whole run as one C++ call (``nos_gym.native``): the time
+              loop inside the kernel, each rule interpreted once per step for all its
+              learning rates; ~10x ``"batched"``, and the same bits on every x86-64 CPU;
+            - ``"batched"``: ``BatchedRule``, torch's per-token kernels (the executor of
+              every score stored before the native one existed);
+            - ``"fused"``: ``BatchedRule``'s fused path (one compiled kernel per step,
+              ``nos_gym.fused_batched``).
+        fused: ``fused=True`` is ``executor="fused"`` (the older spelling).
+        threads: the native kernel's threads (rule instances are shared out; the numbers
+            are the same for any count, so it is not part of the fingerprint).
     """
 
     name = "rosenbrock"
     version = 1
+    #: the ``-march`` the native kernel is built for: the host's; other targets (x86-64 for
+    #: SSE2 only, x86-64-v3 for AVX2) give the same numbers, which benchmarks/portability.py checks
+    native_arch = "native"
 
     def __init__(self, iterations: int = ITERATIONS, learning_rates: Sequence[float] = LEARNING_RATES,
                  start: tuple[float, float] = START, a: float = 1.0, b: float = 100.0,
                  loss_floor: float = LOSS_FLOOR, seed: int = 0, dtype: str = "float64", draws: int = DRAWS,
-                 fused: bool = False):
+                 executor: str = "auto", fused: bool = False, threads: int = 1):
         if int(iterations) < 1:
             raise ValueError(f"iterations must be >= 1, got {iterations}")
         lrs = tuple(float(lr) for lr in learning_rates)
@@ -127,14 +147,29 @@ class RosenbrockTask(LossGridTask):
         self.seed = int(seed)
         self.dtype = dtype
         self.draws = check_draws(draws)
-        self.fused = bool(fused)
+        if fused:
+            executor = "fused"
+        if executor not in EXECUTORS:
+            raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+        if executor == "auto":
+            executor = "native" if native.available() else "batched"
+        elif executor == "native" and not native.available():
+            raise RuntimeError("executor='native': the native Rosenbrock kernel cannot be built here "
+                               "(see the NativeUnavailableWarning); use executor='batched' or 'auto'")
+        #: the executor that runs the rules: "native", "batched" or "fused"
+        self.executor = executor
+        self.fused = executor == "fused"
+        if int(threads) < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self.threads = int(threads)
 
     def config(self) -> dict[str, Any]:
         return {"iterations": self.iterations, "learning_rates": list(self.learning_rates),
                 "start": list(self.start), "a": self.a, "b": self.b, "loss_floor": self.loss_floor,
                 "seed": self.seed, "dtype": self.dtype, "draws": self.draws,
-                # only when on: the default's fingerprint (and its stored scores) stay as they were
-                **({"fused": True} if self.fused else {})}
+                # "batched" adds nothing: its fingerprint (and its stored scores) stay as they were
+                **({"fused": True} if self.fused else {}),
+                **({"executor": "native", "native_abi": native.ABI_VERSION} if self.executor == "native" else {})}
 
     def _grid_losses(self, programs: list[Program], draws: Sequence[int] | None = None) -> torch.Tensor:
         """``(B, L)`` final losses; ``draws``: each program's draw index (default: draw 0)."""
@@ -163,6 +198,8 @@ class RosenbrockTask(LossGridTask):
     # ----------------------------------------------------------------------- the loop
     def _run(self, programs: list[Program], lrs: Sequence[float], iterations: int | None = None,
              record: bool = False, draws: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.executor == "native":
+            return self._native(programs, lrs, iterations, record, draws)
         # no autograd bookkeeping: inference mode takes 15-20% off each of the step's small kernels;
         # the fused path runs one kernel a step, compiled for ordinary tensors (inference tensors
         # would make torch.compile build a second graph), so no_grad is enough there
@@ -193,7 +230,7 @@ class RosenbrockTask(LossGridTask):
         trace = torch.empty(steps + 1, R, 2, dtype=dtype) if record else None
         if trace is not None:
             trace[0] = params
-        checkpoints = set() if record else {c for c in (25, 100, 400, 1600) if c < steps}
+        checkpoints = set() if record else {c for c in _CHECKPOINTS if c < steps}
         state = rule.init(params)
         grad, tmp, (x, y), (gx, gy) = self._buffers(params)
         a, two_b = self.a, 2.0 * self.b
@@ -222,6 +259,23 @@ class RosenbrockTask(LossGridTask):
         if len(live):
             final[live] = params
         return final, trace
+
+    def _native(self, programs: list[Program], lrs: Sequence[float], iterations: int | None,
+                record: bool, draws: Sequence[int] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``_loop``'s result from the native kernel: the same rows, steps and checkpoints."""
+        steps = self.iterations if iterations is None else int(iterations)
+        hyper = Hyper()
+        # 1 - beta^t for t = 1..steps, as the torch executors compute it (Python floats)
+        corrections = np.array([[1.0 - hyper.beta1 ** t, 1.0 - hyper.beta2 ** t, 1.0 - hyper.beta3 ** t]
+                                for t in range(1, steps + 1)], dtype=np.float64).reshape(steps, 3)
+        final, trace = native.rosenbrock_run(
+            native.rule_tables(programs, self.stream_seeds(programs, draws)), lrs, steps, start=self.start, a=self.a,
+            b=self.b, hyper=hyper, corrections=corrections, checkpoints=() if record else _CHECKPOINTS,
+            dtype=self.dtype, record=record, threads=self.threads, lib=native.library(self.native_arch))
+        dtype = _DTYPES[self.dtype]
+        R = len(programs) * len(lrs)
+        out = torch.from_numpy(final.reshape(R, 2)).to(dtype)
+        return out, None if trace is None else torch.from_numpy(trace.reshape(steps + 1, R, 2)).to(dtype)
 
     @staticmethod
     def _buffers(params: torch.Tensor):

@@ -1,0 +1,290 @@
+"""The native Rosenbrock kernel: the task's whole run in one C++ call, built on first use.
+
+The Rosenbrock task trains ~12,000 independent rows of 2 numbers for 4,000 steps. Torch's
+executors (``BatchedRule``, fused or not) run each step as one or more passes over all rows,
+so a step costs ~100-170 us however little work it holds, and every element of the fused
+kernel computes every branch. Here (``nos_gym/csrc/rosenbrock_native.cpp``) the time loop
+runs *inside* the kernel: each rule instance (a program and its draw) keeps its learning
+rates' state in L1 for all 4,000 steps and is interpreted from its opcode table (the
+tables of ``nos_gym.fused_batched``) once per step for all its rows at once, computing only
+what the rule reads.
+
+**Build.** On first use the source is compiled with the system's C++ compiler (``$CXX``,
+else ``c++``/``g++``/``clang++``) into a shared library, loaded with ``ctypes`` (no torch
+headers, no ninja: ~2-5 s), and cached under ``$NOS_GYM_CACHE_DIR`` (default
+``~/.cache/nos_gym``), keyed by the source, the flags, the compiler and the CPU's
+features; concurrent processes build to private names and rename atomically. Flags:
+``-O3 -march=native -ffp-contract=off -fno-math-errno``; never ``-ffast-math``.
+
+**Numbers.** ``+ - * / sqrt``, compares and selects are exactly rounded IEEE operations
+and nothing is contracted or reassociated, and ``exp``/``log`` are the kernel's own
+(Cody-Waite and a polynomial, integer bit moves for the exponent; within 2 ulp), so a rule
+gets **the same bits on every x86-64 CPU and vector width** (tests/test_native.py builds
+the kernel for SSE2, AVX2 and the host and compares). Torch's executors differ from it
+(and from each other between ``ATEN_CPU_CAPABILITY`` builds) in the last ulp of exp/log,
+which chaotic trajectories amplify, so the Rosenbrock task's fingerprint names its
+executor and scores never mix. Random draws (``drop``, ``noise``) follow
+``nos_gym.random_streams`` operation for operation: bit-identical to torch's executors.
+
+**Fallback.** ``NOS_GYM_NATIVE=0`` turns it off; where building fails (no compiler) the
+first use warns once (``NativeUnavailableWarning``) and ``available()`` is False: the task
+then runs ``BatchedRule`` (under that executor's fingerprint).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["FLAGS", "NativeUnavailableWarning", "RosenbrockArgs", "available", "build", "cache_dir", "library",
+           "rosenbrock_run"]
+
+SOURCE = Path(__file__).parent / "csrc" / "rosenbrock_native.cpp"
+#: compiler flags besides ``-march``: exact IEEE arithmetic (no contraction, no fast-math)
+FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp-simd", "-fPIC", "-shared", "-std=c++17", "-pthread")
+ABI_VERSION = 1
+
+
+class NativeUnavailableWarning(RuntimeWarning):
+    """The native Rosenbrock kernel could not be built here; torch's executor runs instead."""
+
+
+class RosenbrockArgs(ctypes.Structure):
+    """The kernel's argument block (``Args`` in the C++ source, field for field)."""
+
+    _fields_ = [
+        ("groups", ctypes.c_int64), ("lrs_per_group", ctypes.c_int64), ("depth", ctypes.c_int64),
+        ("steps", ctypes.c_int64),
+        ("lrs", ctypes.c_void_p), ("codes", ctypes.c_void_p), ("level", ctypes.c_void_p), ("rate", ctypes.c_void_p),
+        ("drop_keys", ctypes.c_void_p), ("noise_keys", ctypes.c_void_p), ("corrections", ctypes.c_void_p),
+        ("checkpoints", ctypes.c_void_p), ("n_checkpoints", ctypes.c_int64),
+        ("beta1", ctypes.c_double), ("beta2", ctypes.c_double), ("beta3", ctypes.c_double), ("eps", ctypes.c_double),
+        ("noise_std", ctypes.c_double), ("bias_correction", ctypes.c_int64),
+        ("start_x", ctypes.c_double), ("start_y", ctypes.c_double), ("a", ctypes.c_double), ("b", ctypes.c_double),
+        ("out", ctypes.c_void_p), ("trace", ctypes.c_void_p),
+    ]
+
+
+_lock = threading.Lock()
+_libraries: dict[str, ctypes.CDLL] = {}
+_unavailable: str | None = None
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept: ``$NOS_GYM_CACHE_DIR``, else ``$XDG_CACHE_HOME/nos_gym``
+    or ``~/.cache/nos_gym``."""
+    env = os.environ.get("NOS_GYM_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "nos_gym"
+
+
+def _compiler() -> str | None:
+    for name in filter(None, (os.environ.get("CXX"), "c++", "g++", "clang++")):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _cpu_features() -> str:
+    """The host's CPU feature flags (a -march=native build is only valid on such a CPU)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build(arch: str = "native", directory: Path | None = None) -> Path:
+    """Compile the kernel for ``-march=arch`` (cached) and return the library's path.
+
+    Raises ``RuntimeError`` with the compiler's message when there is no compiler or the
+    build fails."""
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set $CXX, or install g++ or clang++)")
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        raise RuntimeError(f"{cxx} --version failed: {err}") from err
+    flags = (*FLAGS, f"-march={arch}")
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, version, platform.machine(),
+                                    _cpu_features() if arch == "native" else ""]).encode()).hexdigest()[:16]
+    directory = cache_dir() if directory is None else Path(directory)
+    target = directory / f"rosenbrock_native-{arch}-{key}.so"
+    if target.exists():
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".so.tmp", dir=directory)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"building the native Rosenbrock kernel failed ({cxx}):\n{proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)  # atomic: a concurrent process sees a whole library or none
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    if lib.nos_abi_version() != ABI_VERSION:
+        raise RuntimeError(f"{path} has ABI {lib.nos_abi_version()}, expected {ABI_VERSION}")
+    lib.nos_rosenbrock_run.argtypes = [ctypes.POINTER(RosenbrockArgs), ctypes.c_int, ctypes.c_int]
+    lib.nos_rosenbrock_run.restype = ctypes.c_int
+    for name in ("nos_exp", "nos_log"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    lib.nos_normal.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float]
+    lib.nos_hash.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    return lib
+
+
+def library(arch: str = "native") -> ctypes.CDLL | None:
+    """The loaded kernel for ``-march=arch`` (built on first use), or None where it cannot
+    be built (warned once) or ``NOS_GYM_NATIVE=0``. Other ``arch`` values are for tests."""
+    global _unavailable
+    if os.environ.get("NOS_GYM_NATIVE", "1") == "0":
+        return None
+    with _lock:
+        lib = _libraries.get(arch)
+        if lib is not None:
+            return lib
+        if _unavailable is not None and arch == "native":
+            return None
+        try:
+            lib = _libraries[arch] = _load(build(arch))
+        except Exception as err:  # no compiler, a failed build, an unloadable library: fall back
+            if arch != "native":
+                raise
+            _unavailable = str(err)
+            warnings.warn(f"nos_gym: the native Rosenbrock kernel is unavailable ({err}); the task runs torch's "
+                          "BatchedRule instead (about 10x slower, under another fingerprint)",
+                          NativeUnavailableWarning, stacklevel=3)
+            return None
+    return lib
+
+
+def available() -> bool:
+    """Whether the native kernel can run here (builds it on first call)."""
+    return library() is not None
+
+
+def _ptr(a: np.ndarray) -> int:
+    return a.ctypes.data
+
+
+def rosenbrock_run(tables: dict[str, np.ndarray], learning_rates: Sequence[float], steps: int, *,
+                   start: tuple[float, float], a: float, b: float, hyper, corrections: np.ndarray,
+                   checkpoints: Sequence[int] = (), dtype: str = "float64", threads: int = 1,
+                   record: bool = False, lib: ctypes.CDLL | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Run every rule instance (row of ``tables``) at every learning rate for ``steps`` steps.
+
+    ``tables``: ``codes`` (G, 5 depth) int64, ``level`` (G, 2 depth) float64, ``rate``
+    float32, ``drop_keys`` and ``noise_keys`` int64 (the site keys ``H(seed, site)``);
+    ``corrections``: (steps, 3) float64, ``1 - beta^t`` for t = 1..steps. Returns the final
+    parameters (G, L, 2) (NaN where a row was not finite at the end or at a checkpoint) and,
+    with ``record``, every iterate (steps + 1, G, L, 2)."""
+    lib = lib or library()
+    if lib is None:
+        raise RuntimeError("the native Rosenbrock kernel is unavailable here (see NativeUnavailableWarning)")
+    codes = np.ascontiguousarray(tables["codes"], dtype=np.int64)
+    G, width = codes.shape
+    depth = width // 5
+    L = len(learning_rates)
+    arrays = {
+        "lrs": np.ascontiguousarray(learning_rates, dtype=np.float64), "codes": codes,
+        "level": np.ascontiguousarray(tables["level"], dtype=np.float64),
+        "rate": np.ascontiguousarray(tables["rate"], dtype=np.float32),
+        "drop_keys": np.ascontiguousarray(tables["drop_keys"], dtype=np.int64),
+        "noise_keys": np.ascontiguousarray(tables["noise_keys"], dtype=np.int64),
+        "corrections": np.ascontiguousarray(corrections, dtype=np.float64),
+        "checkpoints": np.ascontiguousarray(sorted(checkpoints) or [-1], dtype=np.int64),
+    }
+    for name in ("level", "rate", "drop_keys", "noise_keys"):
+        if arrays[name].shape != (G, 2 * depth):
+            raise ValueError(f"table {name} has shape {arrays[name].shape}, expected {(G, 2 * depth)}")
+    if arrays["corrections"].shape != (steps, 3):
+        raise ValueError(f"corrections has shape {arrays['corrections'].shape}, expected {(steps, 3)}")
+    out = np.empty((G, L, 2), dtype=np.float64)
+    trace = np.empty((steps + 1, G, L, 2), dtype=np.float64) if record else None
+    args = RosenbrockArgs(G, L, depth, int(steps), *(_ptr(arrays[k]) for k in
+                                                     ("lrs", "codes", "level", "rate", "drop_keys", "noise_keys",
+                                                      "corrections", "checkpoints")),
+                          len(checkpoints), hyper.beta1, hyper.beta2, hyper.beta3, hyper.eps, hyper.noise_std,
+                          int(hyper.bias_correction), float(start[0]), float(start[1]), float(a), float(b),
+                          _ptr(out), _ptr(trace) if trace is not None else None)
+    if G:
+        rc = lib.nos_rosenbrock_run(ctypes.byref(args), {"float64": 64, "float32": 32}[dtype], int(threads))
+        if rc != 0:
+            raise RuntimeError(f"nos_rosenbrock_run rejected its arguments (code {rc})")
+    return out, trace
+
+
+def _program_row(program, depth: int) -> tuple[list[int], list[float], list[float], list[int], list[int]]:
+    """One program's opcode row padded to ``depth`` groups: codes, clip levels, drop rates,
+    and per side the draw site of its drop and of its noise read (-1: none). Kept with the
+    Program object (as its other cached properties are)."""
+    from nos_gym.dsl.vocabulary import BASE_OPERANDS, CLIP_LEVELS, DROP_RATES, is_result_operand, result_index
+    from nos_gym.fused_batched import BINARY_CODES, OPERAND_CODES, UNARY_CODES
+    from nos_gym.rule_plan import draw_sites, pad_program
+
+    cache = program.__dict__.setdefault("_native_rows", {})
+    row = cache.get(depth)
+    if row is None:
+        sites = draw_sites(program)
+        codes, level, rate = [0] * (5 * depth), [1.0] * (2 * depth), [0.0] * (2 * depth)
+        drop_site, noise_site = [-1] * (2 * depth), [-1] * (2 * depth)
+        for k, (op1, op2, u1, u2, b) in enumerate(pad_program(program, depth).groups):
+            codes[5 * k + 4] = BINARY_CODES[b]
+            for s, (op, u) in enumerate(((op1, u1), (op2, u2))):
+                j = 2 * k + s
+                codes[5 * k + s] = (len(BASE_OPERANDS) + result_index(op) - 1 if is_result_operand(op)
+                                    else OPERAND_CODES[op])
+                codes[5 * k + 2 + s] = UNARY_CODES[u]
+                level[j] = CLIP_LEVELS.get(u, 1.0)
+                rate[j] = DROP_RATES.get(u, 0.0)
+                if s == 1 and b == "keep":
+                    continue  # never read: no draws
+                if op == "noise":
+                    noise_site[j] = sites[5 * k + s]
+                if u in DROP_RATES:
+                    drop_site[j] = sites[5 * k + 2 + s]
+        row = cache[depth] = (codes, level, rate, drop_site, noise_site)
+    return row
+
+
+def rule_tables(programs: Sequence, seeds: Sequence[int]) -> dict[str, np.ndarray]:
+    """The kernel's per-instance tables for ``programs`` (one rule instance each) with
+    stream seeds ``seeds``: the opcodes of ``nos_gym.fused_batched`` (the same numbering),
+    each drop's and each noise read's site key ``H(seed, site)``."""
+    from nos_gym.random_streams import hash64
+
+    depth = max(p.depth for p in programs)
+    rows = [_program_row(p, depth) for p in programs]
+    drop_keys = np.zeros((len(programs), 2 * depth), dtype=np.int64)
+    noise_keys = np.zeros_like(drop_keys)
+    for i, ((_, _, _, drop_site, noise_site), seed) in enumerate(zip(rows, seeds, strict=True)):
+        for keys, sites in ((drop_keys, drop_site), (noise_keys, noise_site)):
+            for j, site in enumerate(sites):
+                if site >= 0:
+                    key = hash64(int(seed), site)
+                    keys[i, j] = key - (1 << 64) if key >> 63 else key
+    return {"codes": np.array([r[0] for r in rows], dtype=np.int64), "level": np.array([r[1] for r in rows]),
+            "rate": np.array([r[2] for r in rows], dtype=np.float32), "drop_keys": drop_keys, "noise_keys": noise_keys}
