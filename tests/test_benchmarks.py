@@ -237,8 +237,13 @@ def test_portability_scores_are_repeatable_and_compared_per_kernel_set(capsys):
 
     first, again = portability.score(4, 0), portability.score(4, 0)
     assert first == again  # one kernel set: bit-identical
-    assert set(first) == {"rosenbrock", "quadratic"} and len(first["rosenbrock"]) >= 4 + 8
+    assert set(first) == {"rosenbrock", "rosenbrock-native", "quadratic"} and len(first["rosenbrock"]) >= 4 + 8
     assert all(0.0 <= r <= 1.0 for r in first["rosenbrock"].values())
+    assert first["rosenbrock-native"].keys() == first["rosenbrock"].keys()
+    # the native kernel built for SSE2 only and for AVX2 scores exactly as the host's build
+    builds = portability.native_builds(6, 0)
+    assert set(builds) == set(portability.NATIVE_ARCHS)
+    assert builds["x86-64"] == builds["x86-64-v3"] == builds["native"] and len(builds["native"]) == 6
     c = portability.compare(first["rosenbrock"], {k: v + (0.05 if i == 0 else 0.0)
                                                   for i, (k, v) in enumerate(first["rosenbrock"].items())})
     assert (c["identical"], c["over_1e-2"], round(c["max"], 9)) == (c["rules"] - 1, 1, 0.05)
