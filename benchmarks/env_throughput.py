@@ -103,22 +103,23 @@ def env_steps(episodes: int, depth: int, num_envs: int) -> list[tuple[str, float
 
 # ------------------------------------------------------------------------------ (b)
 def _score(programs: list[Program], iterations: int, executor: str = "batched",
-           threads: int = 1) -> tuple[list[float], float]:
-    """Rewards, and the CPU seconds this process spent on them (``threads``: the native kernel's)."""
+           threads: int = 1, collect: bool = True) -> tuple[list[float], float, float]:
+    """Rewards, and the wall and CPU seconds this process spent on them (``threads``: the
+    native kernel's). Both clocks start after the garbage collection (``collect``; a forked
+    worker skips it: it would walk the parent's whole heap inside the parent's timing)."""
     torch.set_num_threads(1)
     task = RosenbrockTask(iterations=iterations, executor=executor, threads=threads)
-    gc.collect()
-    cpu = time.process_time()
+    if collect:
+        gc.collect()
+    start, cpu = time.perf_counter(), time.process_time()
     rewards = [r.reward for r in task.evaluate(programs)]
-    return rewards, time.process_time() - cpu
+    return rewards, time.perf_counter() - start, time.process_time() - cpu
 
 
 def batched_seconds(programs: list[Program], iterations: int, executor: str = "batched",
                     threads: int = 1) -> tuple[float, float, list[float]]:
-    gc.collect()
-    start = time.perf_counter()
-    rewards, cpu = _score(programs, iterations, executor, threads)
-    return time.perf_counter() - start, cpu, rewards
+    rewards, wall, cpu = _score(programs, iterations, executor, threads)
+    return wall, cpu, rewards
 
 
 def parallel_seconds(programs: list[Program], iterations: int, workers: int,
@@ -130,12 +131,13 @@ def parallel_seconds(programs: list[Program], iterations: int, workers: int,
                       [executor] * workers))
         gc.collect()
         start = time.perf_counter()
-        parts = list(pool.map(_score, chunks, [iterations] * workers, [executor] * workers))
-        elapsed = time.perf_counter() - start
+        parts = list(pool.map(_score, chunks, [iterations] * workers, [executor] * workers, [1] * workers,
+                              [False] * workers))
+        elapsed = time.perf_counter() - start  # the pool's round trip included
     rewards = [0.0] * len(programs)
-    for i, (part, _) in enumerate(parts):
+    for i, (part, _, _) in enumerate(parts):
         rewards[i::workers] = part
-    return elapsed, max(cpu for _, cpu in parts), rewards
+    return elapsed, max(cpu for _, _, cpu in parts), rewards
 
 
 def per_candidate_seconds(program: Program, iterations: int, learning_rates) -> tuple[float, float]:

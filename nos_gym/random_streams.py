@@ -36,11 +36,15 @@ each shift is masked, and multiplication wraps modulo 2^64, as intended).
   top 53 bits, a float64.
 - ``normal``: Box-Muller, ``sqrt(-2 ln u1) * cos(2 pi u2)``, from two 24-bit fields of X
   (u1 in (0, 1], so |z| <= 5.77), in float32. ``ln`` and ``cos`` are evaluated here by
-  polynomials with ``+ - * /`` and ``sqrt`` only -- operations IEEE 754 rounds exactly on
-  every CPU vector width, in scalar loops and on CUDA -- so a value never depends on where
-  in a tensor it was computed (torch's own ``log``/``cos`` round differently in the SIMD
-  body and the scalar tail of a loop, and between CPU kernel sets). ``noise`` is
-  ``normal * noise_std``.
+  polynomials with ``+ - * /`` and ``sqrt`` only, so a value never depends on where in a
+  tensor it was computed (torch's own ``log``/``cos`` round differently in the SIMD body
+  and the scalar tail of a loop, and between CPU kernel sets). ``+ - * /`` are exactly
+  rounded everywhere; torch's CPU ``sqrt`` is *not*: measured on a 2-core AMD EPYC (torch
+  2.14.1), 15.7% of float32 results are 1 ulp off the IEEE value, the same under every
+  ``ATEN_CPU_CAPABILITY`` and at every position in a tensor (so a value is the same in any
+  batch on that machine), but it may round differently on another CPU. The native
+  Rosenbrock kernel (``nos_gym/csrc``) follows these operations with IEEE ``sqrt``, so its
+  normals can differ from these in the last bit. ``noise`` is ``normal * noise_std``.
 
 Everything here is vectorised: a whole block of (steps, draw rows, elements) is one
 sequence of about 16 (uniform) or 60 (normal) elementwise ops, whatever its size.
