@@ -3,23 +3,24 @@
 //
 // Why: the rows of the Rosenbrock task never interact, so the time loop can live inside
 // the kernel. Torch's executors (nos_gym.rules.BatchedRule) run each step as ~65-100
-// separate passes over 12k rows of 2 numbers; here a rule instance's state (about 20
-// arrays of 8 numbers) stays in L1 for all 4,000 steps, and the rule is interpreted from
-// its opcode table once per step for all of its learning rates at once.
+// separate passes over 12k rows of 2 numbers; here a work item's state (about 20 arrays
+// of 8 or 32 numbers) stays in L1 for all 4,000 steps, and the rule is interpreted from
+// its opcode table once per step for all of its learning rates (and draws) at once.
 //
 // Arithmetic (see nos_gym/native.py for the contract, tests/test_native.py for checks):
 // - + - * / sqrt, compares and selects are IEEE 754 operations, rounded the same on every
 //   x86-64 vector width, in scalar code and SIMD alike. The build turns off contraction
 //   (-ffp-contract=off) and never uses -ffast-math, so no multiply-add is fused behind our
-//   back; where torch's CPU kernels fuse one (lerp), std::fma does it here explicitly.
+//   back; where torch's vectorised CPU kernels fuse one (lerp, addcmul, add with alpha),
+//   std::fma does it here explicitly (one rounding, the same on every CPU).
 // - exp and log are our own (below): Cody-Waite reduction and a polynomial, written with
 //   the operations above and integer bit moves only, so they too give the same bits on
 //   every CPU (libm's and torch's SIMD exp/log differ by an ulp between builds and
-//   vector widths). Accuracy: within 2 ulp of the correctly rounded value (checked
-//   against float128 references in the tests).
+//   vector widths). Accuracy: within 1 ulp (exp) and 2 ulp (log) of the exact value
+//   (checked against long double references in the tests).
 // - random draws: splitmix64 and the Box-Muller polynomials of nos_gym/random_streams.py,
-//   operation for operation (float32), so drop masks and noise values are bit-identical
-//   to torch's executors'.
+//   operation for operation (float32): drop masks are bit-identical to torch's executors';
+//   noise values too, except where torch's sqrt (not correctly rounded) is 1 ulp off.
 #include <atomic>
 #include <cmath>
 #include <cstdint>
