@@ -180,9 +180,15 @@ def test_rewards_close_to_the_batched_executor_on_random_rules():
     b = np.array([r.reward for r in RosenbrockTask(executor="batched").evaluate(rules)])
     close = np.abs(a - b) <= 1e-6
     assert close.mean() >= 0.9, f"{(~close).sum()} of {len(rules)} rewards differ"
+    # Table 1's PowerSign, AddSign and Adam: within 1e-6 where torch's kernels fuse multiply-adds
+    # (AVX2, AVX-512: the kernels of the stored batched scores; measured 0 here); torch's scalar
+    # kernels round exp differently (benchmarks/portability.py: they move the batched rewards
+    # themselves), and there PowerSign's differs by 1.3e-5 (measured): within 1e-4
     table1 = [parse("g * exp(sign(g) * sign(m))"), parse("g * (1 + sign(g) * sign(m))"), parse("ADAM")]
+    fused_kernels = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
     np.testing.assert_allclose([r.reward for r in RosenbrockTask(executor="native").evaluate(table1)],
-                               [r.reward for r in RosenbrockTask(executor="batched").evaluate(table1)], atol=1e-6)
+                               [r.reward for r in RosenbrockTask(executor="batched").evaluate(table1)],
+                               atol=1e-6 if fused_kernels else 1e-4, rtol=0)
 
 
 # ------------------------------------------------------------------ portability and threads
