@@ -273,3 +273,23 @@ def test_distinct_in_batch_counts_each_rule_once():
     assert first_occurrences(["a", "b", "a", "c", "b"]).tolist() == [True, True, False, True, False]
     out = Advantages("risk_seeking", epsilon=0.5).compute(torch.tensor([0.9, 0.9, 0.9, 0.1]), ["a", "a", "b", "c"])
     assert out.keep.tolist() == [True, False, True, False]  # the quantile's ties, each distinct rule once
+
+
+def test_evolution_novel_children_samples_each_rule_once(tmp_path):
+    """With --novel-children every sampled rule after the first generation is new to the run
+    (the plain algorithm re-samples its population's rules); and it resumes with what it saw."""
+    evo = load_agent("evolution")
+    common = FAST[:4] + ["--no-progress", "--depth", "2", "--space", "small", "--num-envs", "8",
+                         "--population-size", "8", "--tournament-size", "4", "--seed", "3"]
+    plain_dir, novel_dir = tmp_path / "plain", tmp_path / "novel"
+    evo.main(common + ["--total-rules", "96", "--run-dir", str(plain_dir), "--store", str(tmp_path / "a.sqlite")])
+    evo.main(common + ["--total-rules", "64", "--run-dir", str(novel_dir), "--store", str(tmp_path / "b.sqlite"),
+                       "--novel-children"])
+    evo.main(common + ["--total-rules", "96", "--resume", str(novel_dir), "--novel-children"])
+    plain, novel = read_log(plain_dir), read_log(novel_dir)
+    assert len(novel) == 96
+    children = [r["key"] for r in novel[8:]]  # after the random first generation
+    first_gen = {r["key"] for r in novel[:8]}
+    assert len(set(children)) == len(children) and not set(children) & first_gen
+    plain_children = [r["key"] for r in plain[8:]]
+    assert len(set(plain_children)) < len(plain_children)  # what the option is for: the plain run re-samples

@@ -16,6 +16,7 @@ Run it::
 
     python agents/evolution.py                        # Rosenbrock, same budget as trpo_lstm
     python agents/evolution.py --population-size 200 --tournament-size 50
+    python agents/evolution.py --novel-children       # every child a rule not yet sampled
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nos_gym.agents import Run, RunArgs, parse_args, play, rollout, run_cli, uniform_actions
+from nos_gym.agents import Run, RunArgs, parse_args, play, read_log, rollout, run_cli, uniform_actions
 from nos_gym.agents.config import ConfigError, check_range
-from nos_gym.dsl import Masker
+from nos_gym.dsl import Masker, Program
 
 
 # ------------------------------------------------------------------------------ arguments
@@ -42,18 +43,40 @@ class Args(RunArgs):
     """members drawn per tournament; the best is the parent"""
     mutations: int = 1
     """token mutations per child"""
+    novel_children: bool = False
+    """mutate again (up to ``novel_tries`` times) while a child is a rule this run already
+    sampled (same canonical key): every sample is then a rule the task has not scored in
+    this run, so evolution's budget of samples is one of trained rules, as an RL agent's
+    is. Off by default (Real et al.'s algorithm: a re-sampled rule just re-joins the
+    population, at no cost where results are cached)"""
+    novel_tries: int = 20
+    """mutation attempts per child with ``novel_children`` before a known rule is accepted"""
 
     def validate(self) -> None:
         super().validate()
         check_range(self, "population_size", 2)
         check_range(self, "tournament_size", 1)
         check_range(self, "mutations", 1)
+        check_range(self, "novel_tries", 1)
         if self.tournament_size > self.population_size:
             raise ConfigError(f"config key 'tournament_size' ({self.tournament_size}) must be <= "
                               f"population_size ({self.population_size})")
 
 
 # ------------------------------------------------------------------------------ mutation
+def make_child(parent: np.ndarray, masker: Masker, rng: np.random.Generator, mutations: int,
+               seen: set | None = None, tries: int = 1) -> np.ndarray:
+    """``parent`` mutated ``mutations`` times; with ``seen`` (canonical keys), mutated afresh
+    up to ``tries`` times while the child's rule is in it (the last attempt is kept)."""
+    for _ in range(tries if seen is not None else 1):
+        child = parent
+        for _ in range(mutations):
+            child = mutate(child, masker, rng)
+        if seen is None or Program.from_ids(child, masker.vocab).canonical_key not in seen:
+            break
+    return child
+
+
 def mutate(tokens: np.ndarray, masker: Masker, rng: np.random.Generator) -> np.ndarray:
     """A copy of ``tokens`` with one position changed to another valid token, the rest repaired."""
     child = np.array(tokens, dtype=np.int64)
@@ -76,6 +99,10 @@ def main(argv: Sequence[str] | None = None) -> Run:
         masker = envs.mask_table.masker  # the env's own masks: mutations stay in its space and constraints
         rng = np.random.default_rng(args.seed)
         population: deque[tuple[np.ndarray, float]] = deque()  # (token ids, reward), oldest first
+        # canonical keys of the rules sampled so far (novel_children); kept as the log's keys
+        seen: set | None = None
+        if args.novel_children:
+            seen = {r["key"] for r in read_log(run.path)} if run.log_path.is_file() else set()
         if run.checkpoint is not None:
             state = run.checkpoint["state"]
             rng.bit_generator.state = state["rng"]
@@ -91,12 +118,14 @@ def main(argv: Sequence[str] | None = None) -> Run:
                 for _ in range(args.num_envs):
                     picks = rng.choice(len(population), size=args.tournament_size, replace=False)
                     parent = max(picks, key=lambda k: population[k][1])
-                    child = population[parent][0]
-                    for _ in range(args.mutations):
-                        child = mutate(child, masker, rng)
+                    child = make_child(population[parent][0], masker, rng, args.mutations, seen, args.novel_tries)
+                    if seen is not None:  # nor twice in one batch
+                        seen.add(Program.from_ids(child, masker.vocab).canonical_key)
                     children.append(child)
                 batch = play(envs, np.stack(children))  # the env scores the children together
             run.record(b, batch.infos, batch.rewards)
+            if seen is not None:
+                seen.update(Program.from_ids(t, masker.vocab).canonical_key for t in batch.tokens)
 
             # 2. aging: the newest join, the oldest leave
             population.extend(zip(batch.tokens, batch.rewards.tolist()))
