@@ -266,3 +266,21 @@ def test_agents_compare_runs_variants_and_reports_each(tmp_path, capsys):
     table = (out / "table.md").read_text()
     assert "| trpo_lstm_risk |" in table and "threshold (samples to reach)" in table
     assert (out / "figure4.png").stat().st_size > 1000
+
+
+# --------------------------------------------------------------- controller_study (session 5)
+def test_controller_study_reports_each_setting_with_its_policy_trace(tmp_path, capsys):
+    import controller_study
+
+    assert controller_study.learning([0.0] * 5 + [1.0] * 5) == 1.0
+    rows = controller_study.main(["--max-kl", "0.01", "0.3", "--baselines", "ema", "--seeds", "1", "--total-rules",
+                                  "80", "--task-options", "{iterations: 100}", "--out", str(tmp_path)])
+    assert list(rows) == ["ema max_kl 0.01", "ema max_kl 0.3", "random search"]
+    small, large = rows["ema max_kl 0.01"], rows["ema max_kl 0.3"]
+    assert small["accepted"][0] > 0 and large["accepted"][0] > 0
+    # the trust region is what it says: a larger max_kl takes larger accepted steps, and moves the policy more
+    assert small["kl"][0] <= 0.01 + 1e-6 < large["kl"][0]
+    assert large["entropy_first"][0] - large["entropy_last"][0] > abs(small["entropy_first"][0] - small["entropy_last"][0])
+    assert "kl" not in rows["random search"]
+    assert (tmp_path / "reward_curves.png").stat().st_size > 10_000
+    assert "| ema max_kl 0.3 |" in (tmp_path / "table.md").read_text()
