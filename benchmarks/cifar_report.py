@@ -123,11 +123,11 @@ def archive(run: dict[str, Any], dest: Path) -> None:
         shutil.copyfileobj(f, g)
 
 
-def report(root: Path, seed: int, out: Path) -> str:
-    runs = {a: load_run(root / f"{a}-s{seed}") for a in AGENTS if (root / f"{a}-s{seed}" / "log.jsonl").is_file()}
+def report(root: Path, seed: int, out: Path, agents: tuple[str, ...] = AGENTS) -> str:
+    runs = {a: load_run(root / f"{a}-s{seed}") for a in agents if (root / f"{a}-s{seed}" / "log.jsonl").is_file()}
     runs = {a: run for a, run in runs.items() if run["records"]}  # a run that has not logged a batch yet
     if not runs:
-        raise SystemExit(f"no runs under {root} (expected {', '.join(f'{a}-s{seed}' for a in AGENTS)})")
+        raise SystemExit(f"no runs under {root} (expected {', '.join(f'{a}-s{seed}' for a in agents)})")
     cpu, fast = classics(root, "cpu"), classics(root, "fast")
     lines = [f"# The search on CIFAR-10 (runs under {root}, seed {seed})", ""]
 
@@ -216,8 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("root", type=Path, help="the ROOT given to benchmarks/cifar_search.sh")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out" / "cifar_search")
+    p.add_argument("--agents", nargs="+", default=list(AGENTS),
+                   help="run names: ROOT/NAME-sSEED for each (default: cifar_search.sh's three agents)")
     a = p.parse_args(argv)
-    print(report(a.root, a.seed, a.out))
+    print(report(a.root, a.seed, a.out, tuple(a.agents)))
     return 0
 
 

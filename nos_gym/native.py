@@ -4,27 +4,31 @@ The Rosenbrock task trains ~12,000 independent rows of 2 numbers for 4,000 steps
 executors (``BatchedRule``, fused or not) run each step as one or more passes over all rows,
 so a step costs ~100-170 us however little work it holds, and every element of the fused
 kernel computes every branch. Here (``nos_gym/csrc/rosenbrock_native.cpp``) the time loop
-runs *inside* the kernel: each rule instance (a program and its draw) keeps its learning
-rates' state in L1 for all 4,000 steps and is interpreted from its opcode table (the
-tables of ``nos_gym.fused_batched``) once per step for all its rows at once, computing only
-what the rule reads.
+runs *inside* the kernel: a work item (a rule at up to 4 learning rates; a stochastic
+rule's draws packed side by side) keeps its state in L1 for all 4,000 steps and is
+interpreted from its opcode table (``nos_gym.fused_batched``'s numbering) once per step for
+all its lanes, computing only what the rule reads. ``rule_tables`` builds the tables,
+``rosenbrock_run`` runs them; ``RosenbrockTask(executor="native")`` is the user.
 
 **Build.** On first use the source is compiled with the system's C++ compiler (``$CXX``,
 else ``c++``/``g++``/``clang++``) into a shared library, loaded with ``ctypes`` (no torch
-headers, no ninja: ~2-5 s), and cached under ``$NOS_GYM_CACHE_DIR`` (default
+headers, no ninja: ~2 s), and cached under ``$NOS_GYM_CACHE_DIR`` (default
 ``~/.cache/nos_gym``), keyed by the source, the flags, the compiler and the CPU's
 features; concurrent processes build to private names and rename atomically. Flags:
-``-O3 -march=native -ffp-contract=off -fno-math-errno``; never ``-ffast-math``.
+``FLAGS`` and ``-march=native``; never ``-ffast-math``.
 
-**Numbers.** ``+ - * / sqrt``, compares and selects are exactly rounded IEEE operations
-and nothing is contracted or reassociated, and ``exp``/``log`` are the kernel's own
-(Cody-Waite and a polynomial, integer bit moves for the exponent; within 2 ulp), so a rule
-gets **the same bits on every x86-64 CPU and vector width** (tests/test_native.py builds
-the kernel for SSE2, AVX2 and the host and compares). Torch's executors differ from it
-(and from each other between ``ATEN_CPU_CAPABILITY`` builds) in the last ulp of exp/log,
-which chaotic trajectories amplify, so the Rosenbrock task's fingerprint names its
-executor and scores never mix. Random draws (``drop``, ``noise``) follow
-``nos_gym.random_streams`` operation for operation: bit-identical to torch's executors.
+**Numbers.** ``+ - * / sqrt``, compares and selects are exactly rounded IEEE operations,
+nothing is contracted or reassociated (the multiply-adds that torch's vectorised kernels
+fuse are explicit ``std::fma``), and ``exp``/``log`` are the kernel's own (Cody-Waite and
+a polynomial, integer bit moves for the exponent; within 1 and 2 ulp), so a rule gets
+**the same bits on every x86-64 CPU and vector width** (tests/test_native.py builds the
+kernel for SSE2, AVX2 and the host and compares). Torch's executors differ from it (and
+from each other between ``ATEN_CPU_CAPABILITY`` builds) in the last ulp of exp, log and
+sqrt, which chaotic trajectories amplify, so the Rosenbrock task's fingerprint names its
+executor and scores never mix; rules without those functions follow ``BatchedRule``
+bit for bit on AVX2/AVX-512 machines. Random draws follow ``nos_gym.random_streams``
+operation for operation (drop masks bit-identical; noise too, except where torch's sqrt
+is 1 ulp off).
 
 **Fallback.** ``NOS_GYM_NATIVE=0`` turns it off; where building fails (no compiler) the
 first use warns once (``NativeUnavailableWarning``) and ``available()`` is False: the task
@@ -48,7 +52,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["FLAGS", "NativeUnavailableWarning", "RosenbrockArgs", "available", "build", "cache_dir", "library",
-           "rosenbrock_run"]
+           "rosenbrock_run", "rule_tables"]
 
 SOURCE = Path(__file__).parent / "csrc" / "rosenbrock_native.cpp"
 #: compiler flags besides ``-march``: exact IEEE arithmetic (no contraction, no fast-math)

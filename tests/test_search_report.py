@@ -112,6 +112,12 @@ def test_report_reads_runs_promotions_and_classics(tmp_path):
     assert (out / "runs" / "trpo_lstm-s1" / cifar_report.PROMOTED).is_file()
     assert sorted(p.name for p in out.glob("classics-*.json")) == [
         "classics-cpu-s0.json", "classics-fast-s0.json", "classics-fast-s1.json", "classics-fast-s2.json"]
+    # other runs by name (a second TRPO-LSTM setting, say): ROOT/NAME-sSEED, in the given order
+    _fake_run(root, "trpo_lstm-kl003", rules[:5])
+    text = cifar_report.main([str(root), "--out", str(tmp_path / "out2"), "--agents", "trpo_lstm-kl003", "trpo_lstm"])
+    table = (tmp_path / "out2" / "report.md").read_text()
+    assert text == 0 and table.index("| trpo_lstm-kl003 | 5 |") < table.index("| trpo_lstm | 6 |")
+    assert "random_search" not in table and (tmp_path / "out2" / "runs" / "trpo_lstm-kl003-s1").is_dir()
 
 
 def test_report_without_runs_says_what_it_expected(tmp_path):
