@@ -284,3 +284,23 @@ def test_controller_study_reports_each_setting_with_its_policy_trace(tmp_path, c
     assert "kl" not in rows["random search"]
     assert (tmp_path / "reward_curves.png").stat().st_size > 10_000
     assert "| ema max_kl 0.3 |" in (tmp_path / "table.md").read_text()
+
+
+# --------------------------------------------------------------- seed_compare (session 5)
+def test_seed_compare_pairs_rules_by_child_seed(tmp_path, capsys):
+    import seed_compare
+
+    # a rule 0.01 above the reference at every seed, under a seed effect of +-0.05 shared by both
+    shift = [0.05, -0.05, 0.03, -0.02]
+    for s, e in enumerate(shift):
+        (tmp_path / f"fast-s{s}.json").write_text(json.dumps(
+            [{"rule": "ADAM", "reward": 0.58 + e}, {"rule": "cand", "reward": 0.59 + e}]))
+    rows = {r["rule"]: r for r in seed_compare.main([str(tmp_path)])}
+    cand = rows["cand"]
+    assert cand["wins"] == 4 and abs(cand["diff"] - 0.01) < 1e-12
+    assert cand["paired_se"] < 1e-9 < cand["unpaired_se"]  # the seed effect cancels only when paired
+    assert abs(seed_compare.sign_test_p(4, 4) - 1 / 16) < 1e-12
+    assert "| `cand` | 0.5925 |" in capsys.readouterr().out
+    (tmp_path / "fast-s9.json").write_text(json.dumps([{"rule": "ADAM", "reward": 0.5}]))
+    with pytest.raises(SystemExit, match="missing"):
+        seed_compare.main([str(tmp_path)])
