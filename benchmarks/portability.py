@@ -77,7 +77,6 @@ def native_builds(rules: int, seed: int) -> dict[str, dict[str, float]]:
     ``NATIVE_ARCHS``: what a machine with narrower vector units computes, on this one."""
     import torch
 
-    from nos_gym import native
     from nos_gym.dsl import Masker, get_space
     from nos_gym.tasks.rosenbrock import RosenbrockTask
 
@@ -86,7 +85,6 @@ def native_builds(rules: int, seed: int) -> dict[str, dict[str, float]]:
     keys = [str(p.canonical_key) for p in programs]
     out = {}
     for arch in NATIVE_ARCHS:
-        native.library(arch)  # build it (cached)
         task = RosenbrockTask(executor="native")
         task.native_arch = arch
         out[arch] = dict(zip(keys, (float(r.reward) for r in task.evaluate(programs))))

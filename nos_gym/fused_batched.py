@@ -71,7 +71,7 @@ from nos_gym.dsl.vocabulary import (
 from nos_gym.random_streams import GAMMA, hash64
 from nos_gym.rule_plan import Draw, draw_sites, pad_program
 
-__all__ = ["BATCHED_COMPILE_NOTE", "BatchedCode", "BatchedTables", "batched_step"]
+__all__ = ["BATCHED_COMPILE_NOTE", "BatchedCode", "BatchedTables", "batched_step", "opcode_row"]
 
 #: measured on the loaded 2-core machine, per code shape and dtype
 BATCHED_COMPILE_NOTE = "10-65 s cold (inductor's first build), 0.1-3 s from inductor's disk cache"
@@ -273,6 +273,39 @@ def batched_step(depth: int, averages: tuple[str, ...], noise: bool, drop: bool,
     return code
 
 
+def opcode_row(program: Program, depth: int) -> tuple[list[int], list[float], list[float], list[int], list[int]]:
+    """One program's opcode row, padded to ``depth`` groups: the codes (5 per group), per
+    side j = 2k + s its clip level (1 where none) and drop rate (0 where none), and the draw
+    site of its drop and of its noise read (-1: none; the right side of a keep group draws
+    nothing, it is never read). Kept with the Program object, per depth (as its other cached
+    properties are): ``BatchedTables`` and the native kernel's tables (``nos_gym.native``)
+    are both made of these rows."""
+    cache = program.__dict__.setdefault("_opcode_rows", {})
+    row = cache.get(depth)
+    if row is None:
+        sites = draw_sites(program)
+        codes, level, rate = [0] * (GROUP_SIZE * depth), [1.0] * (2 * depth), [0.0] * (2 * depth)
+        drop_site, noise_site = [-1] * (2 * depth), [-1] * (2 * depth)
+        for k, (op1, op2, u1, u2, b) in enumerate(pad_program(program, depth).groups):
+            codes[GROUP_SIZE * k + 4] = BINARY_CODES[b]
+            for s, (op, u) in enumerate(((op1, u1), (op2, u2))):
+                j = 2 * k + s
+                codes[GROUP_SIZE * k + s] = (len(BASE_OPERANDS) + result_index(op) - 1 if is_result_operand(op)
+                                             else OPERAND_CODES[op])
+                codes[GROUP_SIZE * k + 2 + s] = UNARY_CODES[u]
+                if s == 1 and b == "keep":
+                    continue  # never read: no draws
+                if op == "noise":
+                    noise_site[j] = sites[GROUP_SIZE * k + s]
+                if u in CLIP_LEVELS:
+                    level[j] = CLIP_LEVELS[u]
+                if u in DROP_RATES:
+                    rate[j] = DROP_RATES[u]
+                    drop_site[j] = sites[GROUP_SIZE * k + 2 + s]
+        row = cache[depth] = (codes, level, rate, drop_site, noise_site)
+    return row
+
+
 class BatchedTables:
     """The per-row opcode tables of a batch of programs (see ``batched_source``), bound to
     rows of ``width`` numbers of ``dtype`` on ``device``; ``flat``: per entry, transposed.
@@ -285,35 +318,19 @@ class BatchedTables:
                  device: torch.device, flat: bool, depth: int = 0):
         depth = max(depth, *(p.depth for p in programs))
         B = len(programs)
-        codes = [[0] * (GROUP_SIZE * depth) for _ in range(B)]
-        level = [[1.0] * (2 * depth) for _ in range(B)]
-        rate = [[0.0] * (2 * depth) for _ in range(B)]
+        rows = [opcode_row(p, depth) for p in programs]
+        codes, level, rate = [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
         keys = [[0] * (2 * depth) for _ in range(B)]
         nidx = [[0] * (2 * depth) for _ in range(B)]
         noise_draws: list[Draw] = []
-        drop = False
-        for r, program in enumerate(programs):
-            sites = draw_sites(program)
-            padded = pad_program(program, depth)
-            for k, (op1, op2, u1, u2, b) in enumerate(padded.groups):
-                row = codes[r]
-                row[GROUP_SIZE * k + 4] = BINARY_CODES[b]
-                for s, (op, u) in enumerate(((op1, u1), (op2, u2))):
-                    j = 2 * k + s
-                    row[GROUP_SIZE * k + s] = (len(BASE_OPERANDS) + result_index(op) - 1 if is_result_operand(op)
-                                               else OPERAND_CODES[op])
-                    row[GROUP_SIZE * k + 2 + s] = UNARY_CODES[u]
-                    if s == 1 and b == "keep":
-                        continue  # never read: no draws
-                    if op == "noise":
-                        nidx[r][j] = len(noise_draws)
-                        noise_draws.append(Draw(r, sites[GROUP_SIZE * k + s]))
-                    if u in CLIP_LEVELS:
-                        level[r][j] = CLIP_LEVELS[u]
-                    if u in DROP_RATES:
-                        drop = True
-                        rate[r][j] = DROP_RATES[u]
-                        keys[r][j] = _signed(hash64(int(seeds[r]), sites[GROUP_SIZE * k + 2 + s]))
+        for r, (_, _, _, drop_site, noise_site) in enumerate(rows):
+            for j in range(2 * depth):
+                if noise_site[j] >= 0:
+                    nidx[r][j] = len(noise_draws)
+                    noise_draws.append(Draw(r, noise_site[j]))
+                if drop_site[j] >= 0:
+                    keys[r][j] = _signed(hash64(int(seeds[r]), drop_site[j]))
+        drop = any(site >= 0 for row in rows for site in row[3])
         self.depth, self.rows, self.flat = depth, B, flat
         self.drop, self.noise_draws = drop, tuple(noise_draws)
 

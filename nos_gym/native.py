@@ -38,6 +38,7 @@ then runs ``BatchedRule`` (under that executor's fingerprint).
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -52,7 +53,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["FLAGS", "NativeUnavailableWarning", "RosenbrockArgs", "available", "build", "cache_dir", "library",
-           "rosenbrock_run", "rule_tables"]
+           "bias_corrections", "rosenbrock_run", "rule_tables"]
 
 SOURCE = Path(__file__).parent / "csrc" / "rosenbrock_native.cpp"
 #: compiler flags besides ``-march``: exact IEEE arithmetic (no contraction, no fast-math)
@@ -190,6 +191,17 @@ def available() -> bool:
     return library() is not None
 
 
+@functools.lru_cache(maxsize=8)
+def bias_corrections(hyper, steps: int) -> np.ndarray:
+    """``1 - beta^t`` for beta1, beta2, beta3 and t = 1..steps, (steps, 3), as the torch
+    executors compute them (Python floats): the kernel divides by these. Cached (one task
+    runs the same steps every batch); read-only."""
+    out = np.array([[1.0 - hyper.beta1 ** t, 1.0 - hyper.beta2 ** t, 1.0 - hyper.beta3 ** t]
+                    for t in range(1, steps + 1)], dtype=np.float64).reshape(steps, 3)
+    out.setflags(write=False)
+    return out
+
+
 def _ptr(a: np.ndarray) -> int:
     return a.ctypes.data
 
@@ -241,47 +253,15 @@ def rosenbrock_run(tables: dict[str, np.ndarray], learning_rates: Sequence[float
     return out, trace
 
 
-def _program_row(program, depth: int) -> tuple[list[int], list[float], list[float], list[int], list[int]]:
-    """One program's opcode row padded to ``depth`` groups: codes, clip levels, drop rates,
-    and per side the draw site of its drop and of its noise read (-1: none). Kept with the
-    Program object (as its other cached properties are)."""
-    from nos_gym.dsl.vocabulary import BASE_OPERANDS, CLIP_LEVELS, DROP_RATES, is_result_operand, result_index
-    from nos_gym.fused_batched import BINARY_CODES, OPERAND_CODES, UNARY_CODES
-    from nos_gym.rule_plan import draw_sites, pad_program
-
-    cache = program.__dict__.setdefault("_native_rows", {})
-    row = cache.get(depth)
-    if row is None:
-        sites = draw_sites(program)
-        codes, level, rate = [0] * (5 * depth), [1.0] * (2 * depth), [0.0] * (2 * depth)
-        drop_site, noise_site = [-1] * (2 * depth), [-1] * (2 * depth)
-        for k, (op1, op2, u1, u2, b) in enumerate(pad_program(program, depth).groups):
-            codes[5 * k + 4] = BINARY_CODES[b]
-            for s, (op, u) in enumerate(((op1, u1), (op2, u2))):
-                j = 2 * k + s
-                codes[5 * k + s] = (len(BASE_OPERANDS) + result_index(op) - 1 if is_result_operand(op)
-                                    else OPERAND_CODES[op])
-                codes[5 * k + 2 + s] = UNARY_CODES[u]
-                level[j] = CLIP_LEVELS.get(u, 1.0)
-                rate[j] = DROP_RATES.get(u, 0.0)
-                if s == 1 and b == "keep":
-                    continue  # never read: no draws
-                if op == "noise":
-                    noise_site[j] = sites[5 * k + s]
-                if u in DROP_RATES:
-                    drop_site[j] = sites[5 * k + 2 + s]
-        row = cache[depth] = (codes, level, rate, drop_site, noise_site)
-    return row
-
-
 def rule_tables(programs: Sequence, seeds: Sequence[int]) -> dict[str, np.ndarray]:
     """The kernel's per-instance tables for ``programs`` (one rule instance each) with
     stream seeds ``seeds``: the opcodes of ``nos_gym.fused_batched`` (the same numbering),
     each drop's and each noise read's site key ``H(seed, site)``."""
+    from nos_gym.fused_batched import opcode_row
     from nos_gym.random_streams import hash64
 
     depth = max(p.depth for p in programs)
-    rows = [_program_row(p, depth) for p in programs]
+    rows = [opcode_row(p, depth) for p in programs]
     drop_keys = np.zeros((len(programs), 2 * depth), dtype=np.int64)
     noise_keys = np.zeros_like(drop_keys)
     for i, ((_, _, _, drop_site, noise_site), seed) in enumerate(zip(rows, seeds, strict=True)):

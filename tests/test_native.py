@@ -202,17 +202,12 @@ def test_same_bits_on_narrower_vector_units(arch):
     rules = random_rules(48, seed=5)
     task = RosenbrockTask(iterations=1500, executor="native")
     tables = native.rule_tables(rules, task.stream_seeds(rules))
-    kwargs = dict(start=task.start, a=task.a, b=task.b, hyper=Hyper(), corrections=_corrections(1500),
+    kwargs = dict(start=task.start, a=task.a, b=task.b, hyper=Hyper(), corrections=native.bias_corrections(Hyper(), 1500),
                   checkpoints=(25, 100, 400))
     host, _ = native.rosenbrock_run(tables, task.learning_rates, 1500, **kwargs)
     other, _ = native.rosenbrock_run(tables, task.learning_rates, 1500, lib=native.library(arch), **kwargs)
     assert np.isfinite(host).sum() > 100
     np.testing.assert_array_equal(host, other)
-
-
-def _corrections(steps: int) -> np.ndarray:
-    h = Hyper()
-    return np.array([[1 - h.beta1 ** t, 1 - h.beta2 ** t, 1 - h.beta3 ** t] for t in range(1, steps + 1)])
 
 
 @pytest.mark.numerics
@@ -221,7 +216,7 @@ def test_threads_and_float32_give_the_same_numbers():
     rules = random_rules(40, seed=6)
     task = RosenbrockTask(iterations=500, executor="native")
     tables = native.rule_tables(rules, task.stream_seeds(rules))
-    kwargs = dict(start=task.start, a=task.a, b=task.b, hyper=Hyper(), corrections=_corrections(500))
+    kwargs = dict(start=task.start, a=task.a, b=task.b, hyper=Hyper(), corrections=native.bias_corrections(Hyper(), 500))
     one, _ = native.rosenbrock_run(tables, task.learning_rates, 500, threads=1, **kwargs)
     two, _ = native.rosenbrock_run(tables, task.learning_rates, 500, threads=2, **kwargs)
     np.testing.assert_array_equal(one, two)

@@ -265,12 +265,10 @@ class RosenbrockTask(LossGridTask):
         """``_loop``'s result from the native kernel: the same rows, steps and checkpoints."""
         steps = self.iterations if iterations is None else int(iterations)
         hyper = Hyper()
-        # 1 - beta^t for t = 1..steps, as the torch executors compute it (Python floats)
-        corrections = np.array([[1.0 - hyper.beta1 ** t, 1.0 - hyper.beta2 ** t, 1.0 - hyper.beta3 ** t]
-                                for t in range(1, steps + 1)], dtype=np.float64).reshape(steps, 3)
         final, trace = native.rosenbrock_run(
             native.rule_tables(programs, self.stream_seeds(programs, draws)), lrs, steps, start=self.start, a=self.a,
-            b=self.b, hyper=hyper, corrections=corrections, checkpoints=() if record else _CHECKPOINTS,
+            b=self.b, hyper=hyper, corrections=native.bias_corrections(hyper, steps),
+            checkpoints=() if record else _CHECKPOINTS,
             dtype=self.dtype, record=record, threads=self.threads, lib=native.library(self.native_arch))
         dtype = _DTYPES[self.dtype]
         R = len(programs) * len(lrs)
