@@ -65,11 +65,6 @@ def learning(rewards: list[float]) -> float:
     return float(np.mean(rewards[-k:]) - np.mean(rewards[:k]))
 
 
-def _ms(xs: list[float], digits: int = 3) -> str:
-    return f"{statistics.mean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f}" if len(xs) > 1 else \
-        f"{xs[0]:.{digits}f}"
-
-
 def main(argv=None) -> dict:
     a = parse_cli(argv)
     out = Path(a.out)
@@ -87,6 +82,7 @@ def main(argv=None) -> dict:
             settings[label] = (["--agents", variant, *sets], True)
     settings["random search"] = (["--agents", "random_search"], False)
 
+    ms = agents_compare._mean_std  # "mean ± sd" over seeds, as the agents' table prints it
     rows: dict[str, dict] = {}
     curves: dict[str, np.ndarray] = {}
     for i, (label, (args, controller)) in enumerate(settings.items()):
@@ -114,7 +110,7 @@ def main(argv=None) -> dict:
         policy = (f"{statistics.mean(r['entropy_first']):.2f} -> {statistics.mean(r['entropy_last']):.2f} | "
                   f"{statistics.mean(r['accepted']):.2f} | {statistics.mean(r['kl']):.4f}"
                   if "kl" in r else "- | - | -")
-        lines.append(f"| {label} | {_ms(r['top_mean'])} | {_ms(r['best'])} | {_ms(r['learning'])} | {policy} | "
+        lines.append(f"| {label} | {ms(r['top_mean'])} | {ms(r['best'])} | {ms(r['learning'])} | {policy} | "
                      f"{statistics.mean(r['seconds']):.0f} |")
     text = "\n".join(lines)
     print(text)
