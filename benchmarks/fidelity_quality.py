@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -61,6 +60,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from nos_gym.tasks.fidelity import kendall_tau  # Kendall's tau-b
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import OUT_ROOT, format_seconds, machine, markdown_table  # noqa: E402
@@ -190,21 +191,6 @@ class Cache:
 
 
 # ----------------------------------------------------------------------------- ranks
-def kendall_tau_b(x: Sequence[float], y: Sequence[float]) -> float:
-    """Kendall's tau-b (ties in either ranking handled as scipy.stats.kendalltau does)."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    n = len(x)
-    if n < 2:
-        return float("nan")
-    dx = np.sign(x[:, None] - x[None, :])
-    dy = np.sign(y[:, None] - y[None, :])
-    iu = np.triu_indices(n, 1)
-    dx, dy = dx[iu], dy[iu]
-    concordant_minus_discordant = float((dx * dy).sum())
-    tx, ty = float((dx != 0).sum()), float((dy != 0).sum())
-    return concordant_minus_discordant / math.sqrt(tx * ty) if tx and ty else float("nan")
-
-
 def top_overlap(keys: Sequence[str], x: Sequence[float], y: Sequence[float], k: int = 10) -> int:
     """How many of the ``k`` best by ``x`` are among the ``k`` best by ``y`` (ties: the earlier rule)."""
     def top(v):
@@ -268,8 +254,8 @@ def part_preset(a: argparse.Namespace, log: Callable[[str], None]) -> list[str]:
         learn = [j for j, i in enumerate(both) if ref[i]["reward"] > 0.2]
         same_lr = sum(got[i]["lr"] == ref[i]["lr"] for i in both)
         p = Protocol.from_dict(proto)
-        rows.append([label, len(both), f"{kendall_tau_b(x, y):.3f}",
-                     f"{kendall_tau_b([x[j] for j in learn], [y[j] for j in learn]):.3f}",
+        rows.append([label, len(both), f"{kendall_tau(x, y):.3f}",
+                     f"{kendall_tau([x[j] for j in learn], [y[j] for j in learn]):.3f}",
                      f"{top_overlap([keys[i] for i in both], x, y, 10)}/10", f"{top_overlap([keys[i] for i in both], x, y, 5)}/5",
                      f"{same_lr}/{len(both)}", f"{p.child_images:,}",
                      f"{np.mean([got[i]['seconds'] for i in both]):.1f}",
@@ -281,7 +267,7 @@ def part_preset(a: argparse.Namespace, log: Callable[[str], None]) -> list[str]:
         if base in labels:
             both = [k for k in keys if cache.get(label, k) and cache.get(base, k)]
             x, y = [cache.get(base, k)["reward"] for k in both], [cache.get(label, k)["reward"] for k in both]
-            lines.append(f"seed noise: {base} seed 0 vs seed 1 on {len(both)} rules: tau-b {kendall_tau_b(x, y):.3f}, "
+            lines.append(f"seed noise: {base} seed 0 vs seed 1 on {len(both)} rules: tau-b {kendall_tau(x, y):.3f}, "
                          f"top-10 {top_overlap(both, x, y, 10)}/10")
     lines.append("")
     lines += [f"  {label}: {json.dumps(proto)}" for label, proto in labels.items()]
@@ -476,8 +462,8 @@ def final_hurdle_report(cache: Cache, items, fixed_proto, mf_proto, fixed_label:
                                  for m, r, c in zip(mf, fr, comp)]))
         past = sum(c[2] == "full" for c in comp)
         rows.append([f"sweep {sthr:.3f} (q{sq:g}), no final hurdle",
-                     f"{past}/{n}", f"{past}/{n}", f"{kendall_tau_b(fixed_reward, reward):.3f}",
-                     f"{kendall_tau_b([fixed_reward[j] for j in det], [reward[j] for j in det]):.3f}",
+                     f"{past}/{n}", f"{past}/{n}", f"{kendall_tau(fixed_reward, reward):.3f}",
+                     f"{kendall_tau([fixed_reward[j] for j in det], [reward[j] for j in det]):.3f}",
                      f"{top_overlap(ks, fixed_reward, reward, 10)}/10", f"{images:,.0f}",
                      f"{100 * images / fixed_images:.1f}%", f"{seconds:.2f}"])
     for sq, sthr in _sweep_hurdles(mf, a):
@@ -499,8 +485,8 @@ def final_hurdle_report(cache: Cache, items, fixed_proto, mf_proto, fixed_label:
                 seconds = float(np.mean([m["sweep_seconds"] + c[3] for m, c in zip(mf, comp)]))
                 rows.append([f"sweep {sthr:.3f} (q{sq:g}) + final {fthr:.3f} at {rung:,} (q{fq:g} of {len(calib)})",
                              f"{past_sweep}/{n}", f"{full}/{n}",
-                             f"{kendall_tau_b(fixed_reward, reward):.3f}",
-                             f"{kendall_tau_b([fixed_reward[j] for j in det], [reward[j] for j in det]):.3f}",
+                             f"{kendall_tau(fixed_reward, reward):.3f}",
+                             f"{kendall_tau([fixed_reward[j] for j in det], [reward[j] for j in det]):.3f}",
                              f"{top_overlap(ks, fixed_reward, reward, 10)}/10", f"{images:,.0f}",
                              f"{100 * images / fixed_images:.1f}%", f"{seconds:.2f}"])
     # halving only, timed the same way: every rule with a rate trained to the end, one validation
@@ -660,7 +646,7 @@ def quality_report(cache: Cache, items, fixed_proto, mf_proto, fixed_label: str,
         ks = [keys[i] for i in done]
 
         def tau(sub, reward=reward):
-            return kendall_tau_b([fixed_reward[j] for j in sub], [reward[j] for j in sub])
+            return kendall_tau([fixed_reward[j] for j in sub], [reward[j] for j in sub])
 
         rows.append([name, f"{sum(passed)}/{n}", f"{tau(range(n)):.3f}", f"{tau(det):.3f}", f"{tau(learn):.3f}",
                      f"{top_overlap(ks, fixed_reward, reward, 10)}/10",
@@ -674,7 +660,7 @@ def quality_report(cache: Cache, items, fixed_proto, mf_proto, fixed_label: str,
               f"(the fixed sweep: {fixed_proto.child_images - fixed_proto.final_images:,}); it picked the fixed "
               f"protocol's rate for {same_lr}/{n} rules; sweep seconds per rule "
               f"{np.mean([m['sweep_seconds'] for m in mf]):.1f}",
-              f"sweep accuracy vs fixed reward: tau-b {kendall_tau_b(fixed_reward, sweep_acc):.3f}"]
+              f"sweep accuracy vs fixed reward: tau-b {kendall_tau(fixed_reward, sweep_acc):.3f}"]
     timed = [cache.get("timing", keys[i]) for i in done if cache.get("timing", keys[i])]
     if timed:
         finals = [t["final"] for t in timed if t["final"] is not None]

@@ -1,5 +1,6 @@
 """The Gymnasium env OptimizerSearch-v0, its vector form and the SB3 adapter."""
 
+import os
 import subprocess
 import sys
 import warnings
@@ -358,3 +359,50 @@ def test_settings_of_the_wrong_type_are_refused(bad, match):
                  lambda: gym.make_vec("OptimizerSearch-v0", num_envs=2, vectorization_mode="vector_entry_point", **bad)):
         with pytest.raises(ValueError, match=match):
             make()
+
+
+# ------------------------------------------------------------------ close() ends worker processes
+def _worker_pids(evaluator) -> list[int]:
+    return list(evaluator._backend.pids.values())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+PROCESS = {"backend": "process", "workers": 1, "iterations": 100}
+
+
+def test_close_ends_the_worker_processes_of_the_evaluator_the_env_built():
+    env = gym.make("OptimizerSearch-v0", depth=1, space="small", task_options=PROCESS)
+    _play(env, ("m", "one", "id", "id", "keep"))
+    pids = _worker_pids(env.unwrapped.evaluator)
+    assert pids and all(_alive(p) for p in pids)
+    env.close()  # through gymnasium's wrappers
+    assert not any(_alive(p) for p in pids)
+
+    venv = SB3VecEnv(num_envs=2, depth=1, space="small", task_options=PROCESS)
+    venv.reset()
+    for _ in range(5):
+        venv.step(venv.action_masks().argmax(1))
+    pids = _worker_pids(venv.venv_gym.evaluator)
+    assert pids and all(_alive(p) for p in pids)
+    venv.close()  # SB3's close -> the vector env's
+    assert not any(_alive(p) for p in pids)
+
+
+def test_close_leaves_an_evaluator_passed_in_open():
+    with Evaluator("rosenbrock", **PROCESS) as shared:
+        env = OptimizerSearchEnv(evaluator=shared, depth=1)
+        envs = OptimizerSearchVectorEnv(num_envs=2, evaluator=shared, depth=1)
+        _play(env, ("m", "one", "id", "id", "keep"))
+        pids = _worker_pids(shared)
+        env.close()
+        envs.close()
+        assert pids and all(_alive(p) for p in pids)
+        assert shared.evaluate([parse("g")])[0].reward > 0  # still scores
+    assert not any(_alive(p) for p in pids)

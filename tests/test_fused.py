@@ -198,7 +198,7 @@ def test_state_dict_knows_its_rule_and_round_trips():
     sd = opt.state_dict()
     assert sd["rule"]["notation"] == "drop(m, 0.3) * exp(1e-3 * w)"
     assert tuple(sd["rule"]["tokens"]) == get_rule("optimizer_2").tokens
-    assert sd["hyper"]["beta1"] == 0.8 and sd["stream"] == {"seed": 4, "draw": 1}
+    assert sd["param_groups"][0]["betas"][0] == 0.8 and sd["stream"] == {"seed": 4, "draw": 1}
 
     buf.seek(0)
     saved = torch.load(buf, weights_only=True)

@@ -1,6 +1,7 @@
 """Drop-in optimizers: Figure 2's rules equal torch's optimizers, Table 1, PowerSign, AddSign."""
 
 import copy
+import io
 import math
 
 import pytest
@@ -204,3 +205,177 @@ def test_bad_arguments_say_what_is_wrong():
         NOSOptimizer(params, rule="g", lr=-1.0)
     with pytest.raises(ValueError, match="position"):
         NOSOptimizer(params, rule="g *")
+
+
+# ------------------------------------------------- torch.optim conventions: groups, weight decay, maximize
+def _steps(model, opt, n, sign=1.0):
+    for _ in range(n):
+        opt.zero_grad()
+        (sign * torch.nn.functional.mse_loss(model(_X), _Y)).backward()
+        opt.step()
+
+
+def _flat(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def _two_groups(model, **second):
+    first, *rest = list(model.parameters())
+    return [{"params": [first]}, {"params": rest, **second}]
+
+
+TWO_GROUPS = [
+    # the second group sets its own value of every option the optimizer has
+    (NOSOptimizer, dict(rule="drop(ADAM, 0.1) + noise", lr=0.01, seed=5),
+     dict(lr=0.003, betas=(0.8, 0.99, 0.95), eps=1e-6, bias_correction=False, noise_std=0.05, weight_decay=0.1)),
+    (PowerSign, dict(lr=0.05, sign_decay="cosine", decay_steps=20),
+     dict(lr=0.02, base=2.0, beta=0.7, sign_decay="linear", decay_steps=12, weight_decay=0.2)),
+    (AddSign, dict(lr=0.05), dict(alpha=0.5, beta=0.5, sign_decay="restart", decay_steps=6, weight_decay=0.05)),
+]
+
+
+@pytest.mark.parametrize("cls, kwargs, second", TWO_GROUPS, ids=["NOSOptimizer", "PowerSign", "AddSign"])
+def test_a_state_dict_of_two_groups_with_their_own_options_resumes_bit_identically(cls, kwargs, second):
+    model = _model()
+    opt = cls(_two_groups(model, **second), **kwargs)
+    _steps(model, opt, 10)
+    full = _flat(model)
+
+    model = _model()
+    opt = cls(_two_groups(model, **second), **kwargs)
+    _steps(model, opt, 5)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    model2 = _model()
+    model2.load_state_dict(saved["model"])
+    # built with defaults only: every option of both groups comes from the state_dict
+    opt2 = cls(_two_groups(model2), **({"rule": kwargs["rule"]} if "rule" in kwargs else {}))
+    opt2.load_state_dict(saved["opt"])
+    assert {k: opt2.param_groups[1][k] for k in second} == second
+    _steps(model2, opt2, 5)
+    assert torch.equal(_flat(model2), full)
+
+
+@pytest.mark.parametrize("cls, kwargs, second", TWO_GROUPS, ids=["NOSOptimizer", "PowerSign", "AddSign"])
+def test_each_group_steps_with_its_own_options(cls, kwargs, second):
+    """Two groups in one optimizer == one optimizer per group, each with that group's options."""
+    model = _model()
+    opt = cls(_two_groups(model, **second), **kwargs)
+    _steps(model, opt, 10)
+
+    model2 = _model()
+    first, *rest = list(model2.parameters())
+    alone = cls([first], **kwargs)
+    # NOSOptimizer: a placeholder without gradients keeps the rest's element index (the draws) where it was
+    placeholder = [{"params": [torch.nn.Parameter(torch.zeros_like(first))]}] if cls is NOSOptimizer else []
+    other = cls([*placeholder, {"params": rest}], **{**kwargs, **second})
+    for _ in range(10):
+        alone.zero_grad(), other.zero_grad()
+        torch.nn.functional.mse_loss(model2(_X), _Y).backward()
+        alone.step(), other.step()
+    assert torch.equal(_flat(model), _flat(model2))
+    # and the second group's options do change the numbers
+    model3 = _model()
+    _steps(model3, cls(model3.parameters(), **kwargs), 10)
+    assert not torch.equal(_flat(model), _flat(model3))
+
+
+@pytest.mark.parametrize("make", [
+    lambda p, **k: NOSOptimizer(p, rule="drop(g, 0.3) * exp(sign(g) * sign(m))", lr=0.01, seed=2, **k),
+    lambda p, **k: NOSOptimizer(p, rule="ADAM", lr=0.01, weight_decay=0.1, **k),
+    lambda p, **k: PowerSign(p, lr=0.05, sign_decay="cosine", decay_steps=50, **k),
+    lambda p, **k: AddSign(p, lr=0.05, weight_decay=0.01, **k),
+], ids=["nos-drop", "nos-adam-wd", "powersign-cosine", "addsign-wd"])
+def test_maximize_takes_the_steps_of_minimizing_the_negated_loss(make):
+    up, down = _model(), _model()
+    _steps(up, make(up.parameters(), maximize=True), 20, sign=-1.0)
+    _steps(down, make(down.parameters()), 20)
+    assert torch.equal(_flat(up), _flat(down))
+    assert not torch.equal(_flat(up), _flat(_model()))
+
+
+def test_nos_adam_with_weight_decay_is_torchs_adamw():
+    ours, _ = _trajectory(lambda p: NOSOptimizer(p, rule="ADAM", lr=0.01, weight_decay=0.5))
+    theirs, _ = _trajectory(lambda p: torch.optim.AdamW(p, lr=0.01, eps=1e-8, weight_decay=0.5))
+    _assert_same_trajectory(ours, theirs)
+    plain, _ = _trajectory(lambda p: NOSOptimizer(p, rule="ADAM", lr=0.01))
+    assert not torch.allclose(ours[-1], plain[-1], rtol=1e-3)
+
+
+def test_weight_decay_matches_a_hand_computed_step():
+    """Decoupled: the weights shrink by 1 - lr * weight_decay first; a rule reading w reads the shrunk weights."""
+    w0 = torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64)
+    g = torch.tensor([0.5, 0.2, -1.0], dtype=torch.float64)
+    lr, wd = 0.1, 0.3
+    for make, direction in [
+        (lambda p: NOSOptimizer(p, rule="g + 1e-1 * w", lr=lr, weight_decay=wd), lambda w: g + 0.1 * w),
+        (lambda p: PowerSign(p, lr=lr, base=2.0, weight_decay=wd), lambda w: 2.0 ** (torch.sign(g) ** 2) * g),
+        (lambda p: AddSign(p, lr=lr, alpha=1.5, weight_decay=wd), lambda w: (1.5 + torch.sign(g) ** 2) * g),
+    ]:
+        p = torch.nn.Parameter(w0.clone())
+        p.grad = g.clone()
+        make([p]).step()
+        shrunk = w0 * (1.0 - lr * wd)
+        torch.testing.assert_close(p.detach(), shrunk - lr * direction(shrunk), rtol=1e-15, atol=0)
+
+
+def test_steps_are_counted_per_parameter():
+    """A parameter that missed a step has its own step count: its decay is that of its own steps."""
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    b_alone = torch.nn.Parameter(torch.ones(3))
+    opt = PowerSign([a, b], lr=0.1, sign_decay="linear", decay_steps=4)
+    ref = PowerSign([b_alone], lr=0.1, sign_decay="linear", decay_steps=4)
+    for t in range(4):
+        a.grad = torch.full((3,), 0.5)
+        b.grad = None if t == 0 else torch.tensor([0.5, -0.2, 0.1]) * t
+        opt.step()
+        if t > 0:
+            b_alone.grad = b.grad.clone()
+            ref.step()
+    assert opt.state[a]["step"] == 4 and opt.state[b]["step"] == 3
+    assert torch.equal(b.detach(), b_alone.detach())
+
+
+def test_every_option_is_a_param_group_default():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    nos = NOSOptimizer(params, rule="g", hyper=Hyper(beta1=0.8), eps=1e-6, betas=None)
+    assert nos.defaults == dict(lr=1e-3, betas=(0.8, 0.999, 0.999), eps=1e-6, bias_correction=True,
+                                noise_std=0.01, weight_decay=0.0, maximize=False)
+    assert NOSOptimizer(params, rule="g", betas=(0.5, 0.6)).defaults["betas"] == (0.5, 0.6, 0.999)
+    assert set(PowerSign(params).defaults) == {"lr", "base", "beta", "sign_decay", "decay_steps", "weight_decay",
+                                               "maximize"}
+    assert AddSign(params, alpha=2.0).param_groups[0]["alpha"] == 2.0
+
+
+def test_state_dicts_written_before_the_options_were_per_group_still_load():
+    opt = NOSOptimizer(_model().parameters(), rule="ADAM", lr=0.01)
+    old = opt.state_dict()
+    old["param_groups"] = [{"lr": g["lr"], "params": g["params"]} for g in old["param_groups"]]
+    old["hyper"] = {"beta1": 0.8, "beta2": 0.99, "beta3": 0.9, "eps": 1e-6, "bias_correction": False,
+                    "noise_std": 0.1}
+    other = NOSOptimizer(_model().parameters(), rule="ADAM", lr=0.01)
+    other.load_state_dict(old)
+    assert other.hyper == Hyper(0.8, 0.99, 0.9, 1e-6, False, 0.1)
+    assert other.param_groups[0]["weight_decay"] == 0.0 and other.param_groups[0]["maximize"] is False
+    sign = PowerSign(_model().parameters(), base=2.0)
+    old = sign.state_dict()
+    old["param_groups"] = [{"lr": g["lr"], "beta": g["beta"], "params": g["params"]} for g in old["param_groups"]]
+    sign.load_state_dict(old)
+    assert sign.param_groups[0]["base"] == 2.0 and sign.param_groups[0]["sign_decay"] is None
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda p: NOSOptimizer(p, rule="g", weight_decay=-0.1), "weight_decay"),
+    (lambda p: NOSOptimizer(p, rule="g", betas=(0.9, 1.0)), "beta2"),
+    (lambda p: NOSOptimizer(p, rule="g", betas=(0.9,)), "betas must be"),
+    (lambda p: NOSOptimizer([{"params": p, "eps": -1.0}], rule="g"), "eps"),
+    (lambda p: PowerSign([{"params": p, "base": 0.0}]), "base"),
+    (lambda p: AddSign([{"params": p, "beta": 1.0}]), "beta"),
+    (lambda p: AddSign([{"params": p, "sign_decay": "cosine"}]), "decay_steps"),
+])
+def test_bad_group_options_say_what_is_wrong(make, match):
+    with pytest.raises(ValueError, match=match) as err:
+        make([torch.nn.Parameter(torch.zeros(2))])
+    assert "\n" not in str(err.value)

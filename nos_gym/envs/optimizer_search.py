@@ -47,6 +47,13 @@ def make_evaluator(task: str | Task | None, evaluator: EvaluatorLike | None,
     return Evaluator("rosenbrock" if task is None else task, **(task_options or {}))
 
 
+def close_evaluator(evaluator: EvaluatorLike) -> None:
+    """Close ``evaluator`` if it can be closed (an ``Evaluator``: its worker processes, a store it opened)."""
+    close = getattr(evaluator, "close", None)
+    if callable(close):
+        close()
+
+
 class MaskTable:
     """The masks of a ``Masker``, memoised, for one program at a time or many in lockstep.
 
@@ -261,6 +268,8 @@ class OptimizerSearchEnv(gym.Env[np.ndarray, np.int64]):
       ``nos_gym.tasks.make(task, **task_options)``, e.g. ``{"iterations": 1000}``.
     - ``evaluator``: score through this evaluator (anything with ``evaluate(programs)``)
       instead of a new ``Evaluator(task)``; share one between envs to share its cache.
+      ``env.close()`` closes the Evaluator the env built (its worker processes, a store it
+      opened), not one passed in: whoever made that one closes it.
     - ``depth``: number of groups n (1, 2 or 3 in the paper).
     - ``space``: search space name ("full", "extended", "small", "sign") or a ``SearchSpace``.
     - ``distinct_operands``, ``no_final_addition``, ``reuse_result``: the paper's three
@@ -306,6 +315,7 @@ class OptimizerSearchEnv(gym.Env[np.ndarray, np.int64]):
         self.invalid_action = invalid_action
         self.render_mode = render_mode
         self.evaluator = make_evaluator(task, evaluator, task_options)
+        self._owns_evaluator = evaluator is None
         self.mask_table = MaskTable(Masker(self.space, self.depth, self.constraints))
         self.vocab = self.mask_table.vocab
         self.length = GROUP_SIZE * self.depth
@@ -382,6 +392,12 @@ class OptimizerSearchEnv(gym.Env[np.ndarray, np.int64]):
         if len(self._ids) == self.length:
             text += f"  {Program.from_ids(self._ids, self.vocab).format()}"
         return text
+
+    def close(self) -> None:
+        """Close the Evaluator this env built (its worker processes, a store it opened); one passed in stays open."""
+        if getattr(self, "_owns_evaluator", False):
+            close_evaluator(self.evaluator)
+        super().close()
 
     # ------------------------------------------------------------------------ extras
     def _observe(self) -> np.ndarray:

@@ -46,6 +46,7 @@ from nos_gym.envs.optimizer_search import (
     MaskTable,
     action_index,
     check_program_args,
+    close_evaluator,
     invalid_action_message,
     make_evaluator,
     observation_space,
@@ -61,8 +62,9 @@ class OptimizerSearchVectorEnv(VectorEnv):
 
     Arguments are those of ``OptimizerSearchEnv`` plus ``num_envs`` and ``autoreset_mode``
     (an ``AutoresetMode`` or its value, "NextStep", "SameStep", "Disabled"). All sub-envs
-    share one evaluator (and so its cache). Spaces: ``single_action_space`` is
-    ``Discrete(V)``, ``action_space`` ``MultiDiscrete([V] * N)``; observations are
+    share one evaluator (and so its cache); ``close()`` closes it if the env built it, not
+    one passed in. Spaces: ``single_action_space`` is ``Discrete(V)``, ``action_space``
+    ``MultiDiscrete([V] * N)``; observations are
     ``(N, 5n + 1)`` int64 arrays laid out as the single env's (or ``(N, D)`` float32 with
     ``observation="onehot"``). Infos are dicts of arrays
     with Gymnasium's ``_key`` masks: ``action_mask`` (N, V) int8 and ``projected`` (N,)
@@ -106,6 +108,7 @@ class OptimizerSearchVectorEnv(VectorEnv):
         self.autoreset_mode = mode
         self.metadata = {**type(self).metadata, "autoreset_mode": mode}
         self.evaluator = make_evaluator(task, evaluator, task_options)
+        self._owns_evaluator = evaluator is None
         self.mask_table = MaskTable(Masker(self.space, self.depth, self.constraints))
         self.vocab = self.mask_table.vocab
         V = len(self.vocab)
@@ -221,6 +224,11 @@ class OptimizerSearchVectorEnv(VectorEnv):
         tokens = self.vocab.tokens
         return tuple(f"[{' '.join(tokens[i] for i in row[: self._pos])}] {self._pos}/{self.length}"
                      for row in self._ids)
+
+    def close_extras(self, **kwargs: Any) -> None:
+        """Close the Evaluator this env built (``close()`` calls this once); one passed in stays open."""
+        if getattr(self, "_owns_evaluator", False):
+            close_evaluator(self.evaluator)
 
     # ---------------------------------------------------------------------- helpers
     def _restart(self) -> tuple[np.ndarray, dict[str, Any]]:
