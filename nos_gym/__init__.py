@@ -6,7 +6,9 @@ torch is imported only when a task that needs it is made):
 - ``OptimizerSearch-v0``: every argument open (default: Rosenbrock task, full space, depth 2);
 - ``OptimizerSearch-Rosenbrock-v0``: Rosenbrock, full space, depth 2 (paper section 5.1);
 - ``OptimizerSearch-RosenbrockSmall-v0``: Rosenbrock, "small" space, depth 1;
-- ``OptimizerSearch-Quadratic-v0``: noisy ill-conditioned quadratic, full space, depth 2.
+- ``OptimizerSearch-Quadratic-v0``: noisy ill-conditioned quadratic, full space, depth 2;
+- ``OptimizerSearch-Bench-v0``: the NOS-Bench table (``nos_gym.bench``), "small" space, depth 1,
+  the paper's constraints: the CIFAR-10 child's reward, read from a table at no cost.
 
 >>> import gymnasium as gym, nos_gym
 >>> env = gym.make("OptimizerSearch-v0", task="rosenbrock", depth=2, space="small")
@@ -20,6 +22,7 @@ ENV_IDS: dict[str, dict] = {
     "OptimizerSearch-Rosenbrock-v0": {"task": "rosenbrock", "space": "full", "depth": 2},
     "OptimizerSearch-RosenbrockSmall-v0": {"task": "rosenbrock", "space": "small", "depth": 1},
     "OptimizerSearch-Quadratic-v0": {"task": "quadratic", "space": "full", "depth": 2},
+    "OptimizerSearch-Bench-v0": {"task": "nosbench", "space": "small", "depth": 1},
 }
 
 

@@ -7,6 +7,9 @@
     nos-gym top runs/store.sqlite                        # the store's, per task
     nos-gym plot runs/trpo_lstm-rosenbrock-s1-...       # reward vs sampled rules (Figure 4), PNG
     nos-gym export runs/store.sqlite copy.sqlite         # a consistent single-file copy (or .jsonl, .csv)
+    nos-gym tabulate --space small --depth 1 --task-options "{preset: cpu, schedule: halving}" --name NAME
+                                                         # every rule of a space scored once: a NOS-Bench table
+    nos-gym bench small1-cifar10-cpu [--csv OUT.csv]     # a NOS-Bench table: provenance, rewards, best rules
 
 ``search`` hands every flag after the agent's name to the agent script
 (``agents/NAME.py --help`` lists them); ``--agent`` may also be a path to your own
@@ -346,9 +349,120 @@ def cmd_promote(argv: list[str]) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- tabulate
+def cmd_tabulate(argv: list[str]) -> int:
+    """Score every canonical rule of a space on a task (resumable) and write a NOS-Bench table."""
+    import yaml
+
+    from nos_gym.agents import ConfigError
+    from nos_gym.dsl import SPACES, Constraints, SearchSpace, get_space
+    from nos_gym.evaluation import tabulate as tab
+
+    p = argparse.ArgumentParser(
+        prog="nos-gym tabulate",
+        description="Score every canonical rule of a space once through the Evaluator (store, funnel, pool) and "
+                    "write a NOS-Bench table. Stopped in any way, it resumes from the store: run the same command "
+                    "again. Example: nos-gym tabulate --space small --depth 1 --task-options \"{preset: cpu, "
+                    "schedule: halving}\" --name small1-cifar10-cpu --out nos_gym/bench/tables/small1-cifar10-cpu.csv.gz")
+    p.add_argument("--space", default="small", help="a space name, or a YAML mapping {name, operands, unary, binary}")
+    p.add_argument("--depth", type=int, default=1)
+    p.add_argument("--no-distinct-operands", action="store_true")
+    p.add_argument("--allow-final-addition", action="store_true")
+    p.add_argument("--no-reuse-result", action="store_true")
+    p.add_argument("--task", default="convnet-cifar10")
+    p.add_argument("--task-options", type=yaml.safe_load, default={}, help='YAML mapping, e.g. "{preset: cpu}"')
+    p.add_argument("--name", default=None, help="the table's name (default: SPACE DEPTH-TASK)")
+    p.add_argument("--out", default=None, help="the table file, NAME.csv.gz by default")
+    p.add_argument("--store", default=None, help="the SQLite store (default runs/nosbench-NAME.sqlite)")
+    p.add_argument("--backend", default="auto", choices=["auto", "serial", "process", "ray"])
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--threads-per-worker", type=int, default=None)
+    p.add_argument("--ray-address", default=None, help="a Ray cluster's address (implies --backend ray)")
+    p.add_argument("--job-size", type=int, default=None, help="rules per job (default: the Evaluator's)")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds one rule may take")
+    p.add_argument("--max-rules", type=int, default=tab.MAX_RULES)
+    p.add_argument("--max-child-images", type=float, default=tab.MAX_CHILD_IMAGES)
+    p.add_argument("--test-options", type=yaml.safe_load, default=None,
+                   help='add test columns: the task options of the test protocol, e.g. "{preset: fast}"')
+    p.add_argument("--test-name", default="fast", help="the test columns' name (NAME_mean, NAME_sd, NAME_sSEED)")
+    p.add_argument("--test-seeds", type=int, nargs="+", default=[0, 1, 2], help="child seeds of the test")
+    p.add_argument("--test-top", type=int, default=100, help="the best rules by reward that get test columns")
+    p.add_argument("--test-task", default=None, help="the test's task (default: --task)")
+    p.add_argument("--dry-run", action="store_true", help="print the space's numbers and the cost estimate; run nothing")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    for flag, value in (("--task-options", a.task_options), ("--test-options", a.test_options)):
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{flag} must be a YAML mapping, got {value!r}")
+    space = a.space
+    if space not in SPACES:
+        spec = yaml.safe_load(space)
+        if not isinstance(spec, dict):
+            raise ConfigError(f"--space: {space!r} is neither a space name nor a YAML mapping")
+        try:
+            space = SearchSpace(str(spec.get("name", "custom")), *(tuple(spec.get(k) or ()) for k in
+                                                                     ("operands", "unary", "binary")))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"--space: {e}") from e
+    constraints = Constraints(not a.no_distinct_operands, not a.allow_final_addition, not a.no_reuse_result)
+    backend = "ray" if a.ray_address else a.backend
+    if a.dry_run:
+        task = _make_task(a.task, a.task_options)
+        plan = tab.plan_space(get_space(space), a.depth, constraints, task)
+        print(plan.describe())
+        funnel = tab.funnel_preview(plan.programs) if getattr(task, "supports_probe", True) else {}
+        trained = funnel.get("trained", plan.rules)
+        if funnel:
+            print(f"the funnel on an empty store: {trained:,} trained, {funnel.get('fingerprint', 0):,} share a "
+                  f"twin's score, {funnel.get('screen', 0):,} screened")
+        if plan.images_per_rule is not None:
+            print(f"estimated cost: {trained * plan.images_per_rule:.3g} child-images at most "
+                  f"({plan.images_per_rule:,} a trained rule; fewer where every rate diverges)")
+        tab.check_size(plan, max_rules=a.max_rules, max_child_images=a.max_child_images)
+        return 0
+    test = None
+    if a.test_options is not None:
+        test = tab.TestSpec(a.test_name, a.test_options, tuple(a.test_seeds), a.test_top, a.test_task)
+    try:
+        tab.tabulate(a.task, a.task_options, space=space, depth=a.depth, constraints=constraints, out=a.out,
+                     name=a.name, store=a.store, backend=backend, workers=a.workers,
+                     threads_per_worker=a.threads_per_worker, address=a.ray_address, job_size=a.job_size,
+                     timeout=a.timeout, max_rules=a.max_rules, max_child_images=a.max_child_images, test=test,
+                     progress=not a.no_progress)
+    except KeyboardInterrupt:
+        print("nos-gym tabulate: interrupted; every finished rule is in the store: run the same command again to "
+              "resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+# ------------------------------------------------------------------------------ bench
+def cmd_bench(argv: list[str]) -> int:
+    """Show a NOS-Bench table (how it was made, its rewards, its best rules) or export it as CSV."""
+    from nos_gym import bench
+    from nos_gym.bench.report import summary
+
+    p = argparse.ArgumentParser(prog="nos-gym bench", description="Show a NOS-Bench table, or export it as CSV.")
+    p.add_argument("table", nargs="?", default=None, help=f"a table's name or file (default {bench.DEFAULT})")
+    p.add_argument("-k", "--top", type=int, default=10)
+    p.add_argument("--hurdle", type=float, default=None, help="also say which rules this sweep hurdle cuts")
+    p.add_argument("--csv", default=None, metavar="OUT.csv", help="write the rows as a plain CSV (and OUT.json)")
+    p.add_argument("--list", action="store_true", help="list the tables shipped with this installation")
+    a = p.parse_args(argv)
+    if a.list:
+        print("\n".join(bench.available()) or f"no tables in {bench.TABLES_DIR}")
+        return 0
+    table = bench.load(a.table)
+    if a.csv:
+        print(f"{table.to_csv(a.csv)}: {len(table):,} rows; metadata in {Path(a.csv).with_suffix('.json')}")
+        return 0
+    print(summary(table, a.top, a.hurdle))
+    return 0
+
+
 # ------------------------------------------------------------------------------- main
 COMMANDS = {"search": cmd_search, "eval": cmd_eval, "top": cmd_top, "plot": cmd_plot, "export": cmd_export,
-            "promote": cmd_promote}
+            "promote": cmd_promote, "tabulate": cmd_tabulate, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -364,11 +478,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     import sqlite3
 
     from nos_gym.agents.config import ConfigError
+    from nos_gym.bench.table import RuleNotInTableError, TableError
+    from nos_gym.evaluation.tabulate import TabulateError
     from nos_gym.promotion import PromotionError
 
     try:
         return COMMANDS[command](rest)
-    except (ConfigError, PromotionError, sqlite3.Error, OSError) as e:
+    except (ConfigError, PromotionError, TableError, TabulateError, RuleNotInTableError, sqlite3.Error, OSError) as e:
         # a bad setting, a file that is not a (usable) store, a missing or unwritable path:
         # one line, no traceback (StoreError is a sqlite3.Error and names its file)
         print(f"nos-gym {command}: {_one_line(e)}", file=sys.stderr)

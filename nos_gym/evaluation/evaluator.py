@@ -179,6 +179,7 @@ class Evaluator:
         for p in programs:
             if not isinstance(p, Program):
                 raise TypeError(f"expected Programs (nos_gym.dsl.parse makes them), got {type(p).__name__}")
+        self.task.check_programs(programs)  # a rule outside the task's domain raises here, never scores 0
         tickets = [next(self._tickets) for _ in programs]
         keys = [p.canonical_key for p in programs]
         unknown = [k for k in dict.fromkeys(keys) if k not in self._cache and k not in self._pending]

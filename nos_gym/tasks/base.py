@@ -69,6 +69,11 @@ class Task(ABC):
         """
         return 0.0
 
+    def check_programs(self, programs: Sequence[Program]) -> None:  # noqa: B027  (a default that accepts all)
+        """Raise for programs this task cannot score at all (not a bad rule: one outside the
+        task's domain, e.g. a rule a NOS-Bench table lacks). The Evaluator calls it before
+        anything is scored, so the error reaches the caller instead of becoming a score of 0."""
+
     @abstractmethod
     def evaluate(self, programs: Sequence[Program]) -> list[Result]:
         """One ``Result`` per program, in order. Must not raise for a bad rule."""

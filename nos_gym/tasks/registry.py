@@ -13,6 +13,7 @@ _FACTORIES: dict[str, Callable[..., Task] | str] = {
     "rosenbrock": "nos_gym.tasks.rosenbrock:RosenbrockTask",
     "quadratic": "nos_gym.tasks.quadratic:QuadraticTask",
     "convnet-cifar10": "nos_gym.tasks.convnet:ConvNetTask",
+    "nosbench": "nos_gym.tasks.nosbench:NOSBenchTask",
 }
 
 
