@@ -7,8 +7,9 @@ The steps (``tabulate``):
    mask order (``canonical_rules``). A space too large to tabulate is refused before anything
    runs, with one line giving its rule count and the estimated child-images
    (``check_size``).
-2. **The scores.** All rules go to one ``Evaluator`` with a ``Store``, in that order, and come
-   back through ``poll`` under a progress bar (tqdm, with an ETA). The evaluator's funnel
+2. **The scores.** All rules go to one ``Evaluator`` with a ``Store``, shortest canonical key
+   first (so of two equivalent rules the simpler one is trained and the other shares its
+   score), and come back through ``poll`` under a progress bar (tqdm, with an ETA). The evaluator's funnel
    decides what is trained: a rule already in the store is read back, a deterministic rule
    that behaves like one scored before shares its score, a degenerate one gets the screen's
    score, the rest are trained (on the process pool, or on Ray with ``address``). Every result
@@ -25,9 +26,10 @@ The steps (``tabulate``):
    (sample sd) and ``{name}_s{seed}``.
 
 Sessions: each run of ``tabulate`` names its evaluator run ``tabulate <date> <ATen kernel set>
-<CPU>``; the store keeps that name with every row it wrote, so the table's metadata lists
-the sessions that made it, the kernel sets they ran on and their wall time (from the rows'
-timestamps: the first trained rule's start to the last row of the session).
+<CPU>`` (of the machine that runs the command; on Ray the workers may be others); the store
+keeps that name with every row it wrote, so the table's metadata lists the sessions that made
+it, the kernel sets they ran on and their wall time (from the rows' timestamps: the first
+trained rule's start to the last row of the session).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -352,8 +355,10 @@ def _run_all(ev: Evaluator, programs: Sequence[Program], desc: str, progress: bo
 
     first = ev.poll(0.0)
     take(first)
+    # into a log file (nohup) a line every 30 s, not every second
+    interval = 1.0 if sys.stderr.isatty() else 30.0
     with tqdm(total=len(programs), initial=len(first), desc=desc, unit="rule", smoothing=0.0, dynamic_ncols=True,
-              disable=not progress, mininterval=1.0) as bar:
+              disable=not progress, mininterval=interval) as bar:
         while remaining > 0:
             done = ev.poll(1.0)
             take(done)
@@ -384,6 +389,8 @@ def tabulate(task: str | Task = "convnet-cifar10", task_options: Mapping[str, An
     """
     t0 = time.perf_counter()
     say = log or (lambda _: None)
+    if address is not None and backend == "auto":
+        backend = "ray"
     task_obj = make(task, **dict(task_options or {}))
     space = get_space(space)
     name = name or f"{space.name}{depth}-{task_obj.name}"
@@ -397,7 +404,7 @@ def tabulate(task: str | Task = "convnet-cifar10", task_options: Mapping[str, An
     store_path.parent.mkdir(parents=True, exist_ok=True)
     host = _host()
     run = f"tabulate {_iso(time.time())} {host['aten_kernels']} {host['cpu']}"
-    programs = plan.programs
+    programs = sorted(plan.programs, key=lambda p: (len(p.canonical_key), p.canonical_key))  # simplest first
     keys = [p.canonical_key for p in programs]
     session: Counter = Counter()
     with Store(store_path) as db:
@@ -499,7 +506,7 @@ def _test_columns(rows: list[dict[str, Any]], programs: Sequence[Program], test:
     task_name = test.task or task.name
     scores: dict[str, list[float]] = {p.canonical_key: [] for p in todo}
     fingerprints: dict[str, str] = {}
-    images = 0
+    images, wall = 0, 0.0
     for seed in test.seeds:
         seed_task = make(task_name, **{**test.options, "seed": seed})
         with Evaluator(seed_task, backend, store=db, run=run, **evaluator) as ev:
@@ -513,8 +520,10 @@ def _test_columns(rows: list[dict[str, Any]], programs: Sequence[Program], test:
                                 f"run the same command again to retry them")
         for p, r in zip(todo, results):
             scores[p.canonical_key].append(float(r.reward))
-            if r.source == "trained":
+            trained = r.source in ("trained", "store") and not ({"equivalent_key", "screen"} & set(r.metrics))
+            if trained:  # in this session or an earlier one
                 images += int(r.metrics.get("child_images") or 0)
+        wall += sum(s["wall_seconds"] for s in _sessions(db, fingerprints[str(seed)], set(scores)))
     for key, values in scores.items():
         mean = statistics.fmean(values)
         sd = statistics.stdev(values) if len(values) > 1 else None
@@ -528,4 +537,5 @@ def _test_columns(rows: list[dict[str, Any]], programs: Sequence[Program], test:
     return {"name": test.name, "task": task_name, "options": dict(test.options), "seeds": list(test.seeds),
             "fingerprints": fingerprints, "top": test.top, "rows": len(chosen),
             "rows_are": f"the {test.top} best rules by reward and the references that lie in the space",
-            "references": references, "child_images": images, "sd": "sample standard deviation over the seeds"}
+            "references": references, "child_images": images, "wall_seconds": round(wall, 1),
+            "sd": "sample standard deviation over the seeds"}
