@@ -1,181 +1,402 @@
-"""Speed of child training, side by side in one run (issue 4).
+"""Speed of the child's real scoring path: a profile, and this code against an older commit.
 
-(a) trainer: child-images per second and the derived seconds per candidate of the
-    "paper" protocol (7 rates x 10,000 + 5 x 45,000 = 295,000 child-images), for
-    - the naive loop: one ``ChildNet`` at a time with ``NOSOptimizer`` (plain PyTorch, fp32);
-    - the batched trainer: B children as one grouped network (``train_children``), the
-      children being whole learning-rate sweeps (B = 7 x rules), bf16 + channels_last on GPU.
-    GPU goals: >= 25x the naive loop and <= 0.3 s per candidate.
-(b) pool (CPU): candidates per second of the "ci" protocol, serial (this process, with
-    one torch thread and with torch's default threads) vs the process pool (one worker per
-    core, one torch thread each), all warm. CPU goal: the pool >= 1.8x the better serial.
+What is timed is ``ConvNetTask.evaluate([rule])`` -- sweep, rate choice, final training and
+validation, everything a rule's score costs after the Evaluator's cache and probe -- for one
+rule (Adam), one process, one torch thread, on the protocols the project scores with:
 
-On CPU, (a) runs with one torch thread (``--threads``): small convolutions scale badly
-over threads, and the pool's workers use one each.
+- ``cpu``: ``{preset: cpu, schedule: halving}``, the search and NOS-Bench protocol;
+- ``fast``: the ``fast`` preset (fixed sweep), the promotion and seed-check protocol.
 
-    python benchmarks/child_throughput.py --quick            # CPU, about a minute
-    python benchmarks/child_throughput.py                    # bigger sizes; on a GPU it uses it
-    python benchmarks/child_throughput.py --device cuda --groups 7 112 448 896
-    python benchmarks/child_throughput.py --device cuda --random-data --only trainer   # no data there
+Parts (``--only`` picks one):
+
+1. ``profile``: where one evaluation's time goes -- data (uint8 to float, normalisation),
+   forward, backward, the rule's update (``BatchedRule``, the child's weights at every rate),
+   validation, and the rest (Python, bookkeeping, minibatch indexing) -- for the old and the
+   new code, with the convolutions' share of forward and backward (torch.profiler), the
+   FLOPs per image (from the layer shapes) and this core's measured matmul peak.
+2. ``compare``: child-images per second per core, old code vs new (fp32, and bf16 where
+   asked), interleaved: each round runs every variant once, in turn, in its own warm worker
+   process (the old code is ``git archive``d from ``--baseline`` into a temporary folder).
+   Prints min and median over the rounds and the ratios to the old code.
+3. ``pool``: the same with two worker processes per variant running at once, as the
+   Evaluator's process pool does on two cores; images per second per core.
+4. ``trainer``: the GPU table (``--device cuda``): grouped children per second against the
+   naive one-child loop (``benchmarks/device_check.sh`` runs it).
+
+    python benchmarks/child_throughput.py                          # parts 1-3 on the CPU (~20 min)
+    python benchmarks/child_throughput.py --only compare --rounds 5 --presets cpu
+    python benchmarks/child_throughput.py --quick                  # "ci" protocol, 2 rounds: does it run
+    python benchmarks/child_throughput.py --only trainer --device cuda --random-data
+
+Run it on a quiet machine: it prints the load average at the start and the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
-import torch
-
-from nos_gym.data import load_cifar10, synthetic_cifar10
-from nos_gym.dsl import parse
-from nos_gym.evaluation import Evaluator
-from nos_gym.evaluation.backends import cpu_count
-from nos_gym.optim import table1
-from nos_gym.tasks.convnet import PAPER_LRS, PRESETS, train_child
-from nos_gym.tasks.grouped import train_children
-
-PAPER_IMAGES = PRESETS["paper"].child_images  # 295,000
-# deterministic Table 1 rules: a realistic mix of operands for the batched rule compiler
-RULES = [parse(table1()[name]) for name in ("sgd", "adam", "rmsprop", "powersign", "m_expv", "adam_expm",
-                                             "g_minus_clipg2", "optimizer_1")]
+ROOT = Path(__file__).resolve().parents[1]
+#: the commit before the child-speed work (issue 20): the default "old code"
+BASELINE = "2fb49df"
+RULE = "ADAM"
+PROTOCOLS = {"cpu": ("cpu", {"schedule": "halving"}), "fast": ("fast", {}), "ci": ("ci", {})}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+# ----------------------------------------------------------------------------- FLOPs
+def flops_per_image(filters: int = 32) -> tuple[int, int]:
+    """(training, validation) FLOPs of one child-image: multiply-adds x 2 of the convolutions and
+    the linear layer, forward (and backward: conv1's weight gradient only, since the images need
+    none; conv2's and the linear layer's input and weight gradients). Batch norm, pooling, ReLU and
+    the loss are a few FLOPs per activation and left out."""
+    f = filters
+    conv1 = 2 * f * 3 * 9 * 32 * 32
+    conv2 = 2 * f * f * 9 * 16 * 16
+    fc = 2 * f * 8 * 8 * 10
+    forward = conv1 + conv2 + fc
+    backward = conv1 + 2 * conv2 + 2 * fc
+    return forward + backward, forward
 
 
-def naive_rate(data, device: torch.device, children: int, images: int) -> float:
-    """Child-images/s of the one-child-at-a-time loop over ``children`` (rule, rate) pairs."""
+def matmul_peak(dtype_name: str = "float32", n: int = 2048, reps: int = 5) -> float:
+    """GFLOP/s of an n x n matmul on this process's torch threads: the core's practical peak."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+# ----------------------------------------------------------------------------- worker side
+def _task(spec: dict):
+    from nos_gym.tasks.convnet import ConvNetTask
+
+    preset, overrides = PROTOCOLS[spec["protocol"]]
+    return ConvNetTask(preset, device="cpu", precision=spec["precision"], **overrides)
+
+
+def _profile(task, rule) -> dict:
+    """Phase times of one ``task.evaluate([rule])`` (wall-clock timers around the pieces) and the
+    convolutions' share of forward + backward (torch.profiler, a second evaluation)."""
+    import torch
+
+    import nos_gym.rules as rules
+    import nos_gym.tasks.grouped as grouped
+
+    times = {k: 0.0 for k in ("data", "forward", "backward", "rule update", "validation")}
+    counts = {"validation images": 0}
+    state = {"in_validation": False}
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            if state["in_validation"] and name != "validation":
+                return fn(*args, **kwargs)
+            t0 = time.perf_counter()
+            if name == "validation":
+                state["in_validation"] = True
+                counts["validation images"] += args[0].children_count * len(args[1])
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if name == "validation":
+                    state["in_validation"] = False
+                times[name] += time.perf_counter() - t0
+        return wrapper
+
+    patches = [(grouped, "normalize", timed("data", grouped.normalize)),
+               (grouped, "evaluate_children", timed("validation", grouped.evaluate_children)),
+               (grouped.GroupedConvNet, "forward", timed("forward", grouped.GroupedConvNet.forward)),
+               (rules.BatchedRule, "update", timed("rule update", rules.BatchedRule.update)),
+               (torch.Tensor, "backward", timed("backward", torch.Tensor.backward))]
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+    for obj, name, fn in patches:
+        setattr(obj, name, fn)
+    try:
+        t0 = time.perf_counter()
+        result = task.evaluate([rule])[0]
+        total = time.perf_counter() - t0
+    finally:
+        for obj, name, fn in saved:
+            setattr(obj, name, fn)
+    times["other"] = total - sum(times.values())
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        task.evaluate([rule])
+    conv = sum(e.self_cpu_time_total for e in prof.key_averages() if "convolution" in e.key)
+    every = sum(e.self_cpu_time_total for e in prof.key_averages())
+    return {"total": total, "phases": times, "train images": result.metrics["child_images"],
+            "validation images": counts["validation images"], "conv share of op time": conv / every}
+
+
+def worker(spec_json: str) -> None:
+    """A warm worker: reads commands ("run", "profile", "quit") on stdin, answers JSON lines."""
+    import torch
+
+    torch.set_num_threads(1)
+    import nos_gym
+    from nos_gym.dsl import parse
+
+    spec = json.loads(spec_json)
+    task, rule = _task(spec), parse(spec["rule"])
+    task.evaluate([parse("g")])  # warm: data, kernels built, caches filled
+    print(json.dumps({"ready": True, "nos_gym": str(Path(nos_gym.__file__).parent)}), flush=True)
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "quit":
+            break
+        if cmd == "profile":
+            print(json.dumps(_profile(task, rule)), flush=True)
+            continue
+        t0 = time.perf_counter()
+        res = task.evaluate([rule])[0]
+        print(json.dumps({"seconds": time.perf_counter() - t0, "images": res.metrics["child_images"],
+                          "reward": res.reward}), flush=True)
+
+
+# ----------------------------------------------------------------------------- driver side
+class Worker:
+    """One warm worker process running ``code`` (a folder holding ``nos_gym``) with ``spec``."""
+
+    def __init__(self, code: Path, spec: dict):
+        env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+               "NOS_GYM_DATA": _data_root()}
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=str(code))
+        self.hello = self._read()
+        if Path(self.hello["nos_gym"]).resolve().parent != code.resolve():
+            raise RuntimeError(f"the worker imported nos_gym from {self.hello['nos_gym']}, not from {code}")
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"a worker died (exit code {self.proc.wait()}); see its stderr above")
+        return json.loads(line)
+
+    def send(self, cmd: str) -> None:
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+
+    def ask(self, cmd: str) -> dict:
+        self.send(cmd)
+        return self._read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.send("quit")
+            self.proc.wait(timeout=60)
+
+
+def _data_root() -> str:
+    """Where this checkout finds CIFAR-10, for workers whose code lives elsewhere (the old code's copy)."""
+    from nos_gym.data import find_cifar10
+
+    return str(find_cifar10(None))
+
+
+def baseline_code(rev: str, into: Path) -> Path:
+    """The ``nos_gym`` package of commit ``rev`` (``git archive``), unpacked under ``into``."""
+    try:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "nos_gym"], capture_output=True, check=True)
+    except (OSError, subprocess.CalledProcessError) as err:
+        raise SystemExit(f"error: cannot read commit {rev!r} of {ROOT} with git ({err}); run this from a clone of "
+                         "nos-gym, or pass --baseline REV") from err
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
+def _stats(xs: list[float]) -> str:
+    return f"{min(xs):>8,.0f} {statistics.median(xs):>8,.0f}"
+
+
+def compare(variants: dict[str, tuple[Path, str]], protocols: list[str], rounds: int, per_variant: int = 1) -> dict:
+    """Child-images/s per core of each variant on each protocol, ``rounds`` interleaved rounds;
+    ``per_variant`` workers of a variant run at once (2: the process pool on two cores)."""
+    out = {}
+    for protocol in protocols:
+        workers = {name: [Worker(code, {"protocol": protocol, "precision": precision, "rule": RULE})
+                          for _ in range(per_variant)] for name, (code, precision) in variants.items()}
+        rates: dict[str, list[float]] = {name: [] for name in variants}
+        rewards: dict[str, float] = {}
+        try:
+            for r in range(rounds):
+                for name, ws in workers.items():
+                    t0 = time.perf_counter()
+                    for w in ws:
+                        w.send("run")
+                    answers = [w._read() for w in ws]
+                    wall = time.perf_counter() - t0
+                    images = sum(a["images"] for a in answers)
+                    rates[name].append(images / wall / per_variant)
+                    rewards[name] = answers[0]["reward"]
+                print(f"  {protocol} round {r + 1}/{rounds}: " + ", ".join(f"{n} {v[-1]:,.0f}" for n, v in rates.items()),
+                      flush=True)
+        finally:
+            for ws in workers.values():
+                for w in ws:
+                    w.close()
+        out[protocol] = {"rates": rates, "rewards": rewards}
+    return out
+
+
+def print_compare(title: str, results: dict, old: str) -> None:
+    print(f"\n{title}")
+    print(f"{'protocol':<6} {'variant':<12} {'min img/s':>9} {'median':>8} {'x old (min)':>11} {'x old (median)':>14} "
+          f"{'reward':>7}")
+    for protocol, res in results.items():
+        rates, base = res["rates"], res["rates"][old]
+        for name, xs in rates.items():
+            print(f"{protocol:<6} {name:<12} {_stats(xs)} {min(xs) / min(base):>10.2f}x "
+                  f"{statistics.median(xs) / statistics.median(base):>13.2f}x {res['rewards'][name]:>7.4f}")
+
+
+def print_profiles(profiles: dict[str, dict], peak32: float, peak16: float | None) -> None:
+    train_flops, val_flops = flops_per_image()
+    print(f"\n(1) profile: one evaluation of {RULE}, one process, one thread (wall-clock timers around each piece)")
+    print(f"FLOPs per child-image: {train_flops / 1e6:.2f} M training (forward + backward), "
+          f"{val_flops / 1e6:.2f} M validation (forward); this core's matmul peak: {peak32:.0f} GFLOP/s fp32"
+          + (f", {peak16:.0f} GFLOP/s bf16" if peak16 else ""))
+    phases = ["data", "forward", "backward", "rule update", "validation", "other"]
+    print(f"{'variant':<20} {'total s':>7} " + " ".join(f"{p:>11}" for p in phases) + f" {'conv share':>10} "
+          f"{'GFLOP/s':>8} {'of peak':>7}")
+    for name, p in profiles.items():
+        t = p["total"]
+        gflops = (p["train images"] * train_flops + p["validation images"] * val_flops) / t / 1e9
+        peak = peak16 if "bf16" in name and peak16 else peak32
+        print(f"{name:<20} {t:>7.2f} " + " ".join(f"{p['phases'][k] / t:>10.0%} " for k in phases)
+              + f"{p['conv share of op time']:>10.0%} {gflops:>8.1f} {gflops / peak:>7.0%}")
+    print("Shares of the total wall time; 'other' is the rest (Python, the sweep's bookkeeping, minibatch "
+          "indexing, loss); conv share: the convolutions' part of all torch operator time (torch.profiler). "
+          "GFLOP/s counts training and validation images.")
+
+
+def trainer_table(args: argparse.Namespace) -> None:
+    """The GPU table: grouped children per second against the naive one-child loop."""
+    import torch
+
+    from nos_gym.data import load_cifar10, synthetic_cifar10
+    from nos_gym.dsl import parse
+    from nos_gym.optim import table1
+    from nos_gym.tasks.convnet import PAPER_LRS, PRESETS, train_child
+    from nos_gym.tasks.grouped import train_children
+
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    rules = [parse(table1()[n]) for n in ("sgd", "adam", "rmsprop", "powersign", "m_expv", "adam_expm")]
+    images = args.images or (5_000 if gpu else 500 if args.quick else 1_000)
+    data = (synthetic_cifar10(device, train=max(images, 200), val=100, test=1) if args.random_data
+            else load_cifar10(args.data_dir, device=device))
+    precision = "bf16" if gpu else "fp32"
     train, val = data.train.take(images), data.val.take(100)
-    train_child(RULES[0], 1e-3, train.take(200), val, epochs=1, batch_size=100)  # warm-up
-    _sync(device)
+
+    def sync():
+        if gpu:
+            torch.cuda.synchronize()
+
+    train_child(rules[0], 1e-3, train.take(200), val, epochs=1, batch_size=100)
+    sync()
     t0 = time.perf_counter()
-    for i in range(children):
-        train_child(RULES[i % len(RULES)], PAPER_LRS[i % 7], train, val, epochs=1, batch_size=100)
-    _sync(device)
-    return children * (images // 100) * 100 / (time.perf_counter() - t0)
-
-
-def batched_rate(data, device: torch.device, children: int, images: int, precision: str) -> float:
-    """Child-images/s of one grouped network of ``children`` = whole sweeps of 7 rates per rule."""
-    rules = [RULES[(i // 7) % len(RULES)] for i in range(children)]
-    lrs = [PAPER_LRS[i % 7] for i in range(children)]
-    train, val = data.train.take(images), data.val.take(100)
-    train_children(rules, lrs, train.take(200), val, epochs=1, batch_size=100, precision=precision)  # warm-up
-    _sync(device)
-    t0 = time.perf_counter()
-    res = train_children(rules, lrs, train, val, epochs=1, batch_size=100, precision=precision)
-    _sync(device)
-    return res.child_images / (time.perf_counter() - t0)
-
-
-def serial_rate(timed: list, warm: list, threads: int) -> float:
-    torch.set_num_threads(threads)
-    with Evaluator("convnet-cifar10", backend="serial", preset="ci", device="cpu") as ev:
-        ev.evaluate(warm[:1])
+    naive_children = 3 if args.quick and not gpu else args.naive_children
+    for i in range(naive_children):
+        train_child(rules[i % len(rules)], PAPER_LRS[i % 7], train, val, epochs=1, batch_size=100)
+    sync()
+    naive = naive_children * (images // 100) * 100 / (time.perf_counter() - t0)
+    paper = PRESETS["paper"].child_images
+    print(f"\n(4) trainer: {images:,} images per child, batch 100, {device}, {precision}")
+    print(f"{'trainer':<40} {'children':>8} {'child-img/s':>12} {'x naive':>8} {'s/candidate (paper)':>20}")
+    print(f"{'naive loop (ChildNet + NOSOptimizer)':<40} {1:>8} {naive:>12,.0f} {1.0:>7.1f}x {paper / naive:>20.2f}")
+    for b in args.groups or ([7, 112, 448, 896] if gpu else [7, 14]):
+        progs = [rules[(i // 7) % len(rules)] for i in range(b)]
+        lrs = [PAPER_LRS[i % 7] for i in range(b)]
+        train_children(progs, lrs, train.take(200), val, epochs=1, batch_size=100, precision=precision)
+        sync()
         t0 = time.perf_counter()
-        ev.evaluate(timed)
-        return len(timed) / (time.perf_counter() - t0)
-
-
-def pool_rates(candidates: int, workers: int, default_threads: int) -> tuple[float, float, float, float]:
-    """Candidates/s of the "ci" protocol on the same Table 1 rules: serial vs a warm process pool.
-
-    Each side warms up on other rules (data loaded, workers started), then times
-    ``candidates`` rules it has not seen. Returns serial (1 thread), serial (default
-    threads), pool candidates/s, and the pool's start-up seconds.
-    """
-    rules = [parse(rule) for rule in table1().values()]
-    if candidates + workers > len(rules):
-        raise ValueError(f"at most {len(rules) - workers} candidates (Table 1 has {len(rules)} distinct rules)")
-    timed, warm = rules[:candidates], rules[candidates:candidates + workers]
-    serial1 = serial_rate(timed, warm, 1)
-    serial_n = serial_rate(timed, warm, default_threads)
-    with Evaluator("convnet-cifar10", backend="process", workers=workers, preset="ci", device="cpu") as ev:
-        t0 = time.perf_counter()
-        ev.evaluate(warm)  # one per worker
-        startup = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        ev.evaluate(timed)
-        pool = candidates / (time.perf_counter() - t0)
-    return serial1, serial_n, pool, startup
-
-
-def trainer_table(device: torch.device, images: int, naive_children: int, groups: list[int], precision: str,
-                  data_dir: str | None = None, random_data: bool = False) -> None:
-    # random pixels train exactly as fast as real ones: a machine without the data can time it
-    data = (synthetic_cifar10(device, train=max(images, 200), val=100, test=1) if random_data
-            else load_cifar10(data_dir, device=device))
-    if random_data:
-        print("data: random images of CIFAR-10's shapes (--random-data): speed only")
-    naive = naive_rate(data, device, naive_children, images)
-    rows = [("naive loop: ChildNet + NOSOptimizer (fp32)", 1, naive)]
-    for b in groups:
-        rows.append((f"batched: grouped net ({precision}, channels_last)", b,
-                     batched_rate(data, device, b, images, precision)))
-    print(f"\n(a) child training, {images:,} images per child, batch 100, {device}")
-    print(f"{'trainer':<48} {'children':>8} {'child-img/s':>12} {'x naive':>8} {'s/candidate':>12}")
-    for label, b, rate in rows:
-        print(f"{label:<48} {b:>8} {rate:>12,.0f} {rate / naive:>7.1f}x {PAPER_IMAGES / rate:>12.2f}")
-    print(f"s/candidate = {PAPER_IMAGES:,} child-images of the paper protocol / rate "
-          f"(GPU goals: >= 25x naive, <= 0.3 s)")
-
-
-def pool_table(candidates: int, default_threads: int) -> None:
-    workers = cpu_count()
-    serial1, serial_n, pool, startup = pool_rates(candidates, workers, default_threads)
-    best = max(serial1, serial_n)
-    ci = PRESETS["ci"].child_images
-    print(f"\n(b) evaluation pool, 'ci' protocol ({ci:,} child-images per candidate), {candidates} candidates, warm")
-    print(f"{'backend':<48} {'cand/s':>8} {'child-img/s':>12} {'x serial':>9} {'s/candidate':>12}")
-    for label, rate in [("serial (1 torch thread)", serial1),
-                        (f"serial ({default_threads} torch threads, torch's default)", serial_n),
-                        (f"process pool ({workers} workers x 1 thread)", pool)]:
-        print(f"{label:<48} {rate:>8.3f} {rate * ci:>12,.0f} {rate / best:>8.2f}x {PAPER_IMAGES / (rate * ci):>12.1f}")
-    print(f"x serial: against the faster serial row. Pool start-up (spawn, import, data) with its first "
-          f"{workers} candidates: {startup:.1f}s. CPU goal: pool >= 1.8x serial.")
+        res = train_children(progs, lrs, train, val, epochs=1, batch_size=100, precision=precision)
+        sync()
+        rate = res.child_images / (time.perf_counter() - t0)
+        print(f"{'grouped network':<40} {b:>8} {rate:>12,.0f} {rate / naive:>7.1f}x {paper / rate:>20.2f}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--quick", action="store_true", help="small CPU settings (about a minute)")
-    ap.add_argument("--images", type=int, help="training images per child in (a)")
-    ap.add_argument("--naive-children", type=int, help="children trained one by one in (a)")
-    ap.add_argument("--groups", type=int, nargs="+", help="children per grouped network in (a)")
-    ap.add_argument("--candidates", type=int, help="candidates per side in (b) (CPU only)")
-    ap.add_argument("--threads", type=int, help="torch threads for (a) (default: 1 on CPU)")
-    ap.add_argument("--only", choices=["trainer", "pool"], help="run only (a) or only (b)")
-    ap.add_argument("--data-dir", help="CIFAR-10 root (default: nos_gym.data's search path)")
-    ap.add_argument("--random-data", action="store_true",
-                    help="(a) on random images of CIFAR-10's shapes: for a machine without the data")
+    ap.add_argument("--only", choices=["profile", "compare", "pool", "trainer"], help="run one part")
+    ap.add_argument("--baseline", default=BASELINE, help=f"the old code: a commit of this clone (default {BASELINE})")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of compare and pool (default 5)")
+    ap.add_argument("--presets", nargs="+", choices=list(PROTOCOLS), help="protocols (default: cpu fast)")
+    ap.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
+                    help="precisions of the new code (the old code runs fp32)")
+    ap.add_argument("--quick", action="store_true", help="the 'ci' protocol, 2 rounds, fp32: a check that it runs")
+    ap.add_argument("--device", default="cpu", help="trainer part only: cpu or cuda")
+    ap.add_argument("--images", type=int, help="trainer part: training images per child")
+    ap.add_argument("--naive-children", type=int, default=7, help="trainer part: children of the naive loop")
+    ap.add_argument("--groups", type=int, nargs="+", help="trainer part: children per grouped network")
+    ap.add_argument("--random-data", action="store_true", help="trainer part: random CIFAR-shaped images")
+    ap.add_argument("--data-dir", help="trainer part: CIFAR-10 root")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    device = torch.device(args.device)
-    gpu = device.type == "cuda"
-    if gpu:
-        torch.backends.cudnn.benchmark = True
-    images = args.images or (500 if args.quick else (5_000 if gpu else 2_000))
-    naive_children = args.naive_children or (3 if args.quick else (21 if gpu else 7))
-    groups = args.groups or ([7, 896] if args.quick and gpu else [7, 112, 448, 896] if gpu else
-                             [7, 14] if args.quick else [7, 14, 28])
-    candidates = args.candidates or (6 if args.quick else 12)
-    precision = "bf16" if gpu else "fp32"
-    default_threads = torch.get_num_threads()
-    threads = args.threads or (default_threads if gpu else 1)
-    torch.set_num_threads(threads)
-    name = (torch.cuda.get_device_name(device) if gpu else
-            f"{platform.machine()} CPU ({default_threads} cores visible to torch), (a) at {threads} torch thread(s)")
-    print(f"machine: {name}; torch {torch.__version__}; device {device}; "
-          f"load average at start {os.getloadavg()[0]:.1f} (other work on the machine slows every row)")
+    if args.worker:
+        return worker(args.worker)
+    load0 = os.getloadavg()[0]
+    print(f"machine: {platform.machine()} {platform.processor() or ''} ({os.cpu_count()} cores); python "
+          f"{platform.python_version()}; load average at start {load0:.2f}; "
+          f"commit {subprocess.run(['git', '-C', str(ROOT), 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()}")
+    if args.only == "trainer":
+        trainer_table(args)
+        return
+    if args.quick:
+        args.presets, args.rounds, args.precisions = args.presets or ["ci"], min(args.rounds, 2), ["fp32"]
+    presets = args.presets or ["cpu", "fast"]
+    if args.rounds < 1:
+        raise SystemExit("error: --rounds must be at least 1")
+    with tempfile.TemporaryDirectory(prefix="nos_gym_baseline_") as tmp:
+        old_code = baseline_code(args.baseline, Path(tmp))
+        variants = {f"old {args.baseline}": (old_code, "fp32")}
+        for precision in args.precisions:
+            variants[f"new {precision}"] = (ROOT, precision)
+        old = f"old {args.baseline}"
+        if args.only in (None, "profile"):
+            import torch
 
-    if args.only != "pool":
-        trainer_table(device, images, naive_children, groups, precision, args.data_dir, args.random_data)
-    if not gpu and args.only != "trainer":
-        pool_table(candidates, default_threads)
-    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+            torch.set_num_threads(1)
+            from nos_gym.tasks.child_native import cpu_has_bf16_units
+
+            peak32 = matmul_peak("float32")
+            peak16 = matmul_peak("bfloat16") if "bf16" in args.precisions else None
+            profiles = {}
+            for protocol in presets:
+                for name, (code, precision) in variants.items():
+                    w = Worker(code, {"protocol": protocol, "precision": precision, "rule": RULE})
+                    try:
+                        profiles[f"{protocol} {name}"] = w.ask("profile")
+                    finally:
+                        w.close()
+            print_profiles(profiles, peak32, peak16)
+            print(f"bf16 units on this CPU (AVX512-BF16/AMX): {'yes' if cpu_has_bf16_units() else 'no'}")
+        if args.only in (None, "compare"):
+            print(f"\n(2) compare: {RULE}, one process per variant, one thread, {args.rounds} interleaved rounds")
+            results = compare(variants, presets, args.rounds)
+            print_compare("child-images per second per core (training images; validation is extra work)", results, old)
+        if args.only in (None, "pool"):
+            print(f"\n(3) pool: two processes per variant at once (the process pool on two cores), "
+                  f"{args.rounds} interleaved rounds")
+            pool_presets = [p for p in presets if p != "fast"] or presets
+            results = compare(variants, pool_presets, args.rounds, per_variant=2)
+            print_compare("child-images per second per core, two workers at once", results, old)
+    print(f"\nload average at the end: {os.getloadavg()[0]:.2f} (at the start: {load0:.2f})")
 
 
 if __name__ == "__main__":

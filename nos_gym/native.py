@@ -115,8 +115,9 @@ def _cpu_features() -> str:
     return platform.processor() or platform.machine()
 
 
-def build(arch: str = "native", directory: Path | None = None) -> Path:
-    """Compile the kernel for ``-march=arch`` (cached) and return the library's path.
+def build(arch: str = "native", directory: Path | None = None, source: Path = SOURCE) -> Path:
+    """Compile ``source`` (default: the Rosenbrock kernel) for ``-march=arch`` (cached) and
+    return the library's path.
 
     Raises ``RuntimeError`` with the compiler's message when there is no compiler or the
     build fails."""
@@ -128,19 +129,19 @@ def build(arch: str = "native", directory: Path | None = None) -> Path:
     except (OSError, subprocess.SubprocessError) as err:
         raise RuntimeError(f"{cxx} --version failed: {err}") from err
     flags = (*FLAGS, f"-march={arch}")
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, version, platform.machine(),
+    key = hashlib.sha256("\0".join([source.read_text(), *flags, version, platform.machine(),
                                     _cpu_features() if arch == "native" else ""]).encode()).hexdigest()[:16]
     directory = cache_dir() if directory is None else Path(directory)
-    target = directory / f"rosenbrock_native-{arch}-{key}.so"
+    target = directory / f"{source.stem}-{arch}-{key}.so"
     if target.exists():
         return target
     directory.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".so.tmp", dir=directory)
     os.close(fd)
     try:
-        proc = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=600)
+        proc = subprocess.run([cxx, *flags, str(source), "-o", tmp], capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
-            raise RuntimeError(f"building the native Rosenbrock kernel failed ({cxx}):\n{proc.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"building {source.name} failed ({cxx}):\n{proc.stderr.strip()[-2000:]}")
         os.replace(tmp, target)  # atomic: a concurrent process sees a whole library or none
     finally:
         if os.path.exists(tmp):

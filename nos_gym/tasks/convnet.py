@@ -64,6 +64,7 @@ from nos_gym.dsl import Program
 from nos_gym.optim import NOSOptimizer
 from nos_gym.random_streams import stream_seed
 from nos_gym.rules import Hyper
+from nos_gym.tasks import child_native
 from nos_gym.tasks.base import Result, Task, check_draws, evaluate_draws
 from nos_gym.tasks.child import CLASSES, IMAGE, ChildNet, batch_order, init_child, layout
 from nos_gym.tasks.grouped import train_children
@@ -349,8 +350,11 @@ class ConvNetTask(Task):
             seconds a rule) or "ci" (tests); or a ``Protocol``, a dict of its fields, or a YAML file of them.
         data_dir: where CIFAR-10 is (see ``nos_gym.data.load_cifar10``); None searches.
         device: "cpu", "cuda", ...; None picks CUDA when there is one.
-        precision: "fp32", "bf16" (autocast; weights and rules stay fp32), or "auto": bf16 on CUDA,
-            fp32 elsewhere. Part of the fingerprint, since it changes the scores slightly.
+        precision: "fp32", "bf16" (autocast: the network's convolutions and matmuls in bfloat16; the
+            weights, the batch-norm statistics, the rule's update and its running averages stay
+            fp32), or "auto": bf16 on CUDA, fp32 elsewhere. Part of the fingerprint, since it changes
+            the scores slightly. On a CPU, bf16 pays only where the cores have bf16 units
+            (AVX512-BF16 or AMX); elsewhere it warns once (``child_native.warn_if_no_bf16_units``).
         rules_per_group: rules trained together as one grouped network (a sweep group
             holds ``len(lrs)`` times as many children). None: 128 on CUDA; 1 on CPU, where
             a group of B*7 children outgrows the caches and is no faster per child (see
@@ -363,7 +367,9 @@ class ConvNetTask(Task):
     """
 
     name = "convnet-cifar10"
-    version = 1
+    #: 2: batch norm + max-pool + ReLU by the native CPU kernel (``child_native``), which rounds
+    #: differently from torch's operators; the fingerprint also names the block's kernel
+    version = 2
     #: tells the Evaluator's "auto" backend that this task is worth worker processes
     parallel = True
 
@@ -382,6 +388,8 @@ class ConvNetTask(Task):
         if precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
         self.precision = ("bf16" if self.device.type == "cuda" else "fp32") if precision == "auto" else precision
+        if self.precision == "bf16" and self.device.type == "cpu":
+            child_native.warn_if_no_bf16_units()
         if rules_per_group is not None and rules_per_group < 1:
             raise ValueError(f"rules_per_group must be >= 1, got {rules_per_group}")
         self.rules_per_group = rules_per_group or (128 if self.device.type == "cuda" else 1)
@@ -413,7 +421,14 @@ class ConvNetTask(Task):
                 self.data  # noqa: B018  (a property: fetch the data first, then identify the copy we got)
             self._dataset_id = dataset_id(self.data_dir)
         return {"protocol": self.protocol.to_dict(), "precision": self.precision, "data": self._dataset_id,
-                "draws": self.draws}
+                "draws": self.draws, "block": self.block_kernel}
+
+    @property
+    def block_kernel(self) -> str:
+        """What runs the child's batch norm + pool + ReLU: "native" (the CPU kernel of
+        ``nos_gym.tasks.child_native``) or "torch" (its operators: CUDA, or no C++ compiler).
+        They round differently, so it is part of the fingerprint."""
+        return "native" if self.device.type == "cpu" and child_native.available() else "torch"
 
     def screen_score(self) -> float:
         """The score of a rule the Evaluator's probe screens out (NaN/inf, zero, ignoring the

@@ -43,6 +43,7 @@ from nos_gym.data import Split, normalize
 from nos_gym.dsl import Program
 from nos_gym.rules import BatchedRule, Hyper, RuleState
 from nos_gym.tasks.child import batch_order, init_child, layout
+from nos_gym.tasks.child_native import bn_relu_pool
 
 BN_MOMENTUM, BN_EPS = 0.1, 1e-5  # nn.BatchNorm2d's defaults, as in ChildNet
 
@@ -50,11 +51,14 @@ BN_MOMENTUM, BN_EPS = 0.1, 1e-5  # nn.BatchNorm2d's defaults, as in ChildNet
 class GroupedConvNet(nn.Module):
     """``B`` ChildNets as one network; ``forward(x)`` gives logits of shape (B, N, 10)."""
 
-    def __init__(self, children: int, init: Tensor, filters: int = 32, channels_last: bool = False):
+    def __init__(self, children: int, init: Tensor, filters: int = 32, channels_last: bool = False,
+                 native: bool | None = None):
         super().__init__()
         if children < 1:
             raise ValueError(f"a group needs at least one child, got {children}")
         self.children_count, self.filters, self.channels_last = children, filters, channels_last
+        #: batch norm + pool + ReLU by the native kernel: None where it applies, False never (``child_native``)
+        self.native = native
         self._slices: dict[str, tuple[slice, tuple[int, ...]]] = {}
         offset = 0
         for name, shape in layout(filters):
@@ -78,7 +82,8 @@ class GroupedConvNet(nn.Module):
         ``BatchedRule.select`` for their rules)."""
         device = self.flat.device
         index = torch.as_tensor(rows, dtype=torch.long, device=device)
-        small = GroupedConvNet(len(index), self.flat.detach()[index], self.filters, self.channels_last).to(device)
+        small = GroupedConvNet(len(index), self.flat.detach()[index], self.filters, self.channels_last,
+                               self.native).to(device)
         small.train(self.training)
         with torch.no_grad():
             for name, buf in small.named_buffers():
@@ -97,18 +102,18 @@ class GroupedConvNet(nn.Module):
             w = w.contiguous(memory_format=torch.channels_last)
         return F.conv2d(x, w, padding=1, groups=groups)
 
-    def _bn(self, x: Tensor, k: int) -> Tensor:
-        return F.batch_norm(x, getattr(self, f"running_mean{k}"), getattr(self, f"running_var{k}"),
-                            self.param(f"bn{k}.weight").reshape(-1), self.param(f"bn{k}.bias").reshape(-1),
-                            training=self.training, momentum=BN_MOMENTUM, eps=BN_EPS)
+    def _block(self, x: Tensor, k: int) -> Tensor:
+        """relu(max_pool2d(batch_norm(x))) of block ``k`` (one native kernel on CPU: ``child_native``)."""
+        return bn_relu_pool(x, self.param(f"bn{k}.weight").reshape(-1), self.param(f"bn{k}.bias").reshape(-1),
+                            getattr(self, f"running_mean{k}"), getattr(self, f"running_var{k}"),
+                            training=self.training, momentum=BN_MOMENTUM, eps=BN_EPS, native=self.native)
 
     def forward(self, x: Tensor) -> Tensor:
         b = self.children_count
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        # max-pool before ReLU: they commute, and ReLU then runs on a 4x smaller tensor
-        h = F.relu(F.max_pool2d(self._bn(self._conv(x, "conv1.weight", 1), 1), 2))
-        h = F.relu(F.max_pool2d(self._bn(self._conv(h, "conv2.weight", b), 2), 2))
+        h = self._block(self._conv(x, "conv1.weight", 1), 1)
+        h = self._block(self._conv(h, "conv2.weight", b), 2)
         feats = h.reshape(h.shape[0], b, -1).transpose(0, 1)  # (B, N, filters*8*8), ChildNet's flatten order
         w, bias = self.param("fc.weight"), self.param("fc.bias")  # (B, 10, in), (B, 10)
         return torch.baddbmm(bias.unsqueeze(1).to(feats.dtype), feats, w.transpose(1, 2).to(feats.dtype))
