@@ -115,9 +115,10 @@ def _cpu_features() -> str:
     return platform.processor() or platform.machine()
 
 
-def build(arch: str = "native", directory: Path | None = None, source: Path = SOURCE) -> Path:
-    """Compile ``source`` (default: the Rosenbrock kernel) for ``-march=arch`` (cached) and
-    return the library's path.
+def build(arch: str = "native", directory: Path | None = None, source: Path = SOURCE,
+          extra_flags: tuple[str, ...] = ()) -> Path:
+    """Compile ``source`` (default: the Rosenbrock kernel) for ``-march=arch`` with ``FLAGS`` and
+    ``extra_flags`` (cached) and return the library's path.
 
     Raises ``RuntimeError`` with the compiler's message when there is no compiler or the
     build fails."""
@@ -128,7 +129,7 @@ def build(arch: str = "native", directory: Path | None = None, source: Path = SO
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as err:
         raise RuntimeError(f"{cxx} --version failed: {err}") from err
-    flags = (*FLAGS, f"-march={arch}")
+    flags = (*FLAGS, *extra_flags, f"-march={arch}")
     key = hashlib.sha256("\0".join([source.read_text(), *flags, version, platform.machine(),
                                     _cpu_features() if arch == "native" else ""]).encode()).hexdigest()[:16]
     directory = cache_dir() if directory is None else Path(directory)

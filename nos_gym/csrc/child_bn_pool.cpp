@@ -1,9 +1,10 @@
 // The child network's batch norm + 2x2 max-pool + ReLU block as one pass forward and one
 // backward (nos_gym/tasks/child_native.py is its Python side and documents it).
 //
-// Layout: channels-last (NHWC), contiguous. z: the convolution's output (N, H, W, C);
-// out and argmax: (N, H/2, W/2, C). dtype 32: float, 16: bfloat16 (stored as uint16; the
-// arithmetic is float, as torch's CPU kernels do it).
+// Layout: channels-last (NHWC), contiguous. z, the convolution's output, and its gradient:
+// (N, H, W, C); the pooled arrays (out, its gradient, argmax, zsel): (N, H/2, W/2, C).
+// dtype 32: float, 16: bfloat16 (stored as uint16; the arithmetic is float, as torch's CPU
+// kernels do it).
 //
 // Numbers: no contraction, no reassociation (-ffp-contract=off, no fast-math). Every
 // per-channel sum runs over the pixels in order, in double, so a result is a fixed function
@@ -58,45 +59,55 @@ struct Shape {
 };
 
 // y = z * a + b per channel, 2x2 max (first of ties; NaN wins, as ATen's max_pool2d), then
-// ReLU (clamp_min(x, 0): NaN stays NaN); the argmax (0..3, row-major in the window) if asked.
-// Written without branches in the channel loop so that it vectorises across channels.
-template <typename T, bool ARGMAX>
+// ReLU (clamp_min(x, 0): NaN stays NaN); in training, the argmax (0..3, row-major in the
+// window) and z there. Without branches in the channel loop, so that it vectorises.
+template <typename T, bool TRAIN>
 void affine_pool_relu(const T* __restrict z, const Shape& s, const float* __restrict a, const float* __restrict b,
-                      T* __restrict out, uint8_t* __restrict argmax) {
+                      T* __restrict out, uint8_t* __restrict argmax, T* __restrict zsel) {
   const int64_t C = s.C;
-  for (int64_t q = 0; q < s.pooled(); ++q) {
-    const T* __restrict z0 = z + s.window(q);
-    const T* __restrict z1 = z0 + C;
-    const T* __restrict z2 = z0 + s.W * C;
-    const T* __restrict z3 = z2 + C;
-    T* __restrict o = out + q * C;
-    for (int64_t c = 0; c < C; ++c) {
-      float v0 = load(z0, c) * a[c], v1 = load(z1, c) * a[c], v2 = load(z2, c) * a[c], v3 = load(z3, c) * a[c];
-      v0 = v0 + b[c];
-      v1 = v1 + b[c];
-      v2 = v2 + b[c];
-      v3 = v3 + b[c];
-      float m = v0;
-      int32_t k = 0;
-      const bool t1 = (v1 > m) | (v1 != v1);
-      m = t1 ? v1 : m;
-      k = t1 ? 1 : k;
-      const bool t2 = (v2 > m) | (v2 != v2);
-      m = t2 ? v2 : m;
-      k = t2 ? 2 : k;
-      const bool t3 = (v3 > m) | (v3 != v3);
-      m = t3 ? v3 : m;
-      k = t3 ? 3 : k;
-      store(o, c, m < 0.0f ? 0.0f : m);
-      if constexpr (ARGMAX) argmax[q * C + c] = uint8_t(k);
+  {
+    for (int64_t q = 0; q < s.pooled(); ++q) {
+      const T* __restrict z0 = z + s.window(q);
+      const T* __restrict z1 = z0 + C;
+      const T* __restrict z2 = z0 + s.W * C;
+      const T* __restrict z3 = z2 + C;
+      const int64_t at = q * C;
+      T* __restrict o = out + at;
+      for (int64_t c = 0; c < C; ++c) {
+        const float x0 = load(z0, c), x1 = load(z1, c), x2 = load(z2, c), x3 = load(z3, c);
+        float v0 = x0 * a[c], v1 = x1 * a[c], v2 = x2 * a[c], v3 = x3 * a[c];
+        v0 = v0 + b[c];
+        v1 = v1 + b[c];
+        v2 = v2 + b[c];
+        v3 = v3 + b[c];
+        float m = v0, x = x0;
+        int32_t k = 0;
+        const bool t1 = (v1 > m) | (v1 != v1);
+        m = t1 ? v1 : m;
+        x = t1 ? x1 : x;
+        k = t1 ? 1 : k;
+        const bool t2 = (v2 > m) | (v2 != v2);
+        m = t2 ? v2 : m;
+        x = t2 ? x2 : x;
+        k = t2 ? 2 : k;
+        const bool t3 = (v3 > m) | (v3 != v3);
+        m = t3 ? v3 : m;
+        x = t3 ? x3 : x;
+        k = t3 ? 3 : k;
+        store(o, c, m < 0.0f ? 0.0f : m);
+        if constexpr (TRAIN) {
+          argmax[at + c] = uint8_t(k);
+          store(zsel, at + c, x);  // exact: x is a value of type T
+        }
+      }
     }
   }
 }
 
 template <typename T>
 void forward_train(const T* z, const Shape& s, const float* gamma, const float* beta, float* running_mean,
-                   float* running_var, double momentum, double eps, T* out, uint8_t* argmax, float* save_mean,
-                   float* save_invstd) {
+                   float* running_var, double momentum, double eps, T* out, uint8_t* argmax, T* zsel,
+                   float* save_mean, float* save_invstd) {
   const int64_t C = s.C, M = s.pixels();
   std::vector<double> sum_(C, 0.0), sq_(C, 0.0);
   double* __restrict sum = sum_.data();
@@ -125,7 +136,7 @@ void forward_train(const T* z, const Shape& s, const float* gamma, const float* 
       running_var[c] = float((1.0 - momentum) * double(running_var[c]) + momentum * unbiased);
     }
   }
-  affine_pool_relu<T, true>(z, s, a.data(), b.data(), out, argmax);
+  affine_pool_relu<T, true>(z, s, a.data(), b.data(), out, argmax, zsel);
 }
 
 template <typename T>
@@ -138,90 +149,88 @@ void forward_eval(const T* z, const Shape& s, const float* gamma, const float* b
     a[c] = gamma[c] * invstd;
     b[c] = beta[c] - running_mean[c] * a[c];
   }
-  affine_pool_relu<T, false>(z, s, a.data(), b.data(), out, nullptr);
+  affine_pool_relu<T, false>(z, s, a.data(), b.data(), out, nullptr, nullptr);
 }
 
 // dL/dz, dL/dgamma, dL/dbeta from dL/dout. The gradient reaches one pixel of each window
 // (the argmax) where the output is > 0 (ReLU's backward, threshold_backward); batch norm's
 // training backward is ATen's: dz = (dy - mean(dy) - (z - mean) * k) * invstd * gamma with
-// k = sum(dy * (z - mean)) * invstd^2 / M.
+// k = sum(dy * (z - mean)) * invstd^2 / M. The sums need only the pooled arrays (zsel is z
+// at the argmax); the second pass writes every pixel.
 template <typename T>
 void backward(const T* __restrict z, const T* __restrict out, const uint8_t* __restrict argmax,
-              const T* __restrict grad_out, const Shape& s, const float* __restrict gamma,
+              const T* __restrict zsel, const T* __restrict grad_out, const Shape& s, const float* __restrict gamma,
               const float* __restrict save_mean, const float* __restrict save_invstd, T* __restrict grad_z,
               float* __restrict grad_gamma, float* __restrict grad_beta) {
   const int64_t C = s.C, M = s.pixels();
   std::vector<double> sum_(C, 0.0), dot_(C, 0.0);
-  double* __restrict sum = sum_.data();
-  double* __restrict dot = dot_.data();
-  for (int64_t q = 0; q < s.pooled(); ++q) {
-    const T* __restrict z0 = z + s.window(q);
-    const T* __restrict z1 = z0 + C;
-    const T* __restrict z2 = z0 + s.W * C;
-    const T* __restrict z3 = z2 + C;
-    const uint8_t* __restrict am = argmax + q * C;
-    const T* __restrict o = out + q * C;
-    const T* __restrict g = grad_out + q * C;
-    for (int64_t c = 0; c < C; ++c) {
-      const float oc = load(o, c), gc = load(g, c);
-      const float dp = keep_if(oc > 0.0f, gc);
-      const int32_t k = am[c];
-      const float x0 = load(z0, c), x1 = load(z1, c), x2 = load(z2, c), x3 = load(z3, c);  // loaded, then selected:
-      float x = x0;                                                                           // no branch in the loop
-      x = k == 1 ? x1 : x;
-      x = k == 2 ? x2 : x;
-      x = k == 3 ? x3 : x;
-      const float xmu = x - save_mean[c];
-      sum[c] = sum[c] + double(dp);
-      dot[c] = dot[c] + double(xmu) * double(dp);
+  {
+    double* __restrict sum = sum_.data();
+    double* __restrict dot = dot_.data();
+    const float* __restrict mean = save_mean;
+    for (int64_t q = 0; q < s.pooled(); ++q) {
+      const int64_t at = q * C;
+      const T* __restrict o = out + at;
+      const T* __restrict go = grad_out + at;
+      const T* __restrict zs = zsel + at;
+      for (int64_t c = 0; c < C; ++c) {
+        const float oc = load(o, c), gc = load(go, c);
+        const float dp = keep_if(oc > 0.0f, gc);
+        const float xmu = load(zs, c) - mean[c];
+        sum[c] = sum[c] + double(dp);
+        dot[c] = dot[c] + double(xmu) * double(dp);
+      }
     }
   }
   std::vector<float> mean_dy_(C), k_(C), scale_(C);
-  float* __restrict mean_dy = mean_dy_.data();
-  float* __restrict kk = k_.data();
-  float* __restrict scale = scale_.data();
   for (int64_t c = 0; c < C; ++c) {
     const float inv = save_invstd[c];
-    mean_dy[c] = float(sum[c] / double(M));
-    kk[c] = float(dot[c] * double(inv) * double(inv) / double(M));
-    scale[c] = inv * gamma[c];
-    grad_gamma[c] = float(dot[c] * double(inv));
-    grad_beta[c] = float(sum[c]);
+    mean_dy_[c] = float(sum_[c] / double(M));
+    k_[c] = float(dot_[c] * double(inv) * double(inv) / double(M));
+    scale_[c] = inv * gamma[c];
+    grad_gamma[c] = float(dot_[c] * double(inv));
+    grad_beta[c] = float(sum_[c]);
   }
-  for (int64_t q = 0; q < s.pooled(); ++q) {
-    const int64_t base = s.window(q);
-    const uint8_t* __restrict am = argmax + q * C;
-    const T* __restrict o = out + q * C;
-    const T* __restrict g = grad_out + q * C;
-    const T* __restrict z0 = z + base;
-    const T* __restrict z1 = z0 + C;
-    const T* __restrict z2 = z0 + s.W * C;
-    const T* __restrict z3 = z2 + C;
-    T* __restrict d0 = grad_z + base;
-    T* __restrict d1 = d0 + C;
-    T* __restrict d2 = d0 + s.W * C;
-    T* __restrict d3 = d2 + C;
-    for (int64_t c = 0; c < C; ++c) {
-      const float oc = load(o, c), gc = load(g, c);
-      const float dp = keep_if(oc > 0.0f, gc);
-      const int32_t k = am[c];
-      const float dy0 = keep_if(k == 0, dp), dy1 = keep_if(k == 1, dp), dy2 = keep_if(k == 2, dp),
-                  dy3 = keep_if(k == 3, dp);
-      float t0 = load(z0, c) - save_mean[c], t1 = load(z1, c) - save_mean[c], t2 = load(z2, c) - save_mean[c],
-            t3 = load(z3, c) - save_mean[c];
-      t0 = t0 * kk[c];
-      t1 = t1 * kk[c];
-      t2 = t2 * kk[c];
-      t3 = t3 * kk[c];
-      float e0 = dy0 - mean_dy[c], e1 = dy1 - mean_dy[c], e2 = dy2 - mean_dy[c], e3 = dy3 - mean_dy[c];
-      e0 = e0 - t0;
-      e1 = e1 - t1;
-      e2 = e2 - t2;
-      e3 = e3 - t3;
-      store(d0, c, e0 * scale[c]);
-      store(d1, c, e1 * scale[c]);
-      store(d2, c, e2 * scale[c]);
-      store(d3, c, e3 * scale[c]);
+  {
+    const float* __restrict mean = save_mean;
+    const float* __restrict mean_dy = mean_dy_.data();
+    const float* __restrict kk = k_.data();
+    const float* __restrict scale = scale_.data();
+    for (int64_t q = 0; q < s.pooled(); ++q) {
+      const int64_t base = s.window(q), at = q * C;
+      const uint8_t* __restrict am = argmax + at;
+      const T* __restrict o = out + at;
+      const T* __restrict go = grad_out + at;
+      const T* __restrict z0 = z + base;
+      const T* __restrict z1 = z0 + C;
+      const T* __restrict z2 = z0 + s.W * C;
+      const T* __restrict z3 = z2 + C;
+      T* __restrict d0 = grad_z + base;
+      T* __restrict d1 = d0 + C;
+      T* __restrict d2 = d0 + s.W * C;
+      T* __restrict d3 = d2 + C;
+      for (int64_t c = 0; c < C; ++c) {
+        const float oc = load(o, c), gc = load(go, c);
+        const float dp = keep_if(oc > 0.0f, gc);
+        const int32_t k = am[c];
+        const float dy0 = keep_if(k == 0, dp), dy1 = keep_if(k == 1, dp), dy2 = keep_if(k == 2, dp),
+                    dy3 = keep_if(k == 3, dp);
+        float t0 = load(z0, c) - mean[c], t1 = load(z1, c) - mean[c], t2 = load(z2, c) - mean[c],
+              t3 = load(z3, c) - mean[c];
+        t0 = t0 * kk[c];
+        t1 = t1 * kk[c];
+        t2 = t2 * kk[c];
+        t3 = t3 * kk[c];
+        float e0 = dy0 - mean_dy[c], e1 = dy1 - mean_dy[c], e2 = dy2 - mean_dy[c], e3 = dy3 - mean_dy[c];
+        e0 = e0 - t0;
+        e1 = e1 - t1;
+        e2 = e2 - t2;
+        e3 = e3 - t3;
+        store(d0, c, e0 * scale[c]);
+        store(d1, c, e1 * scale[c]);
+        store(d2, c, e2 * scale[c]);
+        store(d3, c, e3 * scale[c]);
+      }
     }
   }
 }
@@ -230,25 +239,30 @@ void backward(const T* __restrict z, const T* __restrict out, const uint8_t* __r
 
 extern "C" {
 
-int nos_child_abi_version() { return 1; }
+int nos_child_abi_version() { return 2; }
+
+static bool bad_shape(int64_t N, int64_t H, int64_t W, int64_t C) {
+  return N < 1 || H < 2 || W < 2 || C < 1 || H % 2 || W % 2;
+}
 
 // training: batch statistics (saved), running statistics updated (if running_mean is not
-// null), argmax saved; eval (training == 0): running statistics, no argmax.
-int nos_bn_pool_forward(const void* z, int dtype, int64_t N, int64_t H, int64_t W, int64_t C, const float* gamma,
-                        const float* beta, float* running_mean, float* running_var, double momentum, double eps,
-                        int training, void* out, uint8_t* argmax, float* save_mean, float* save_invstd) {
-  if (N < 1 || H < 2 || W < 2 || C < 1 || H % 2 || W % 2) return 1;
+// null), argmax and zsel saved; eval (training == 0): running statistics, nothing saved.
+int nos_bn_pool_forward(const void* z, int dtype, int64_t N, int64_t H, int64_t W, int64_t C,
+                        const float* gamma, const float* beta, float* running_mean, float* running_var,
+                        double momentum, double eps, int training, void* out, uint8_t* argmax, void* zsel,
+                        float* save_mean, float* save_invstd) {
+  if (bad_shape(N, H, W, C)) return 1;
   const Shape s{N, H, W, C};
   if (dtype == 32) {
     if (training)
       forward_train((const float*)z, s, gamma, beta, running_mean, running_var, momentum, eps, (float*)out, argmax,
-                    save_mean, save_invstd);
+                    (float*)zsel, save_mean, save_invstd);
     else
       forward_eval((const float*)z, s, gamma, beta, running_mean, running_var, eps, (float*)out);
   } else if (dtype == 16) {
     if (training)
       forward_train((const uint16_t*)z, s, gamma, beta, running_mean, running_var, momentum, eps, (uint16_t*)out,
-                    argmax, save_mean, save_invstd);
+                    argmax, (uint16_t*)zsel, save_mean, save_invstd);
     else
       forward_eval((const uint16_t*)z, s, gamma, beta, running_mean, running_var, eps, (uint16_t*)out);
   } else {
@@ -257,17 +271,18 @@ int nos_bn_pool_forward(const void* z, int dtype, int64_t N, int64_t H, int64_t 
   return 0;
 }
 
-int nos_bn_pool_backward(const void* z, const void* out, const uint8_t* argmax, const void* grad_out, int dtype,
-                         int64_t N, int64_t H, int64_t W, int64_t C, const float* gamma, const float* save_mean,
-                         const float* save_invstd, void* grad_z, float* grad_gamma, float* grad_beta) {
-  if (N < 1 || H < 2 || W < 2 || C < 1 || H % 2 || W % 2) return 1;
+int nos_bn_pool_backward(const void* z, const void* out, const uint8_t* argmax, const void* zsel, const void* grad_out,
+                         int dtype, int64_t N, int64_t H, int64_t W, int64_t C, const float* gamma,
+                         const float* save_mean, const float* save_invstd, void* grad_z, float* grad_gamma,
+                         float* grad_beta) {
+  if (bad_shape(N, H, W, C)) return 1;
   const Shape s{N, H, W, C};
   if (dtype == 32)
-    backward((const float*)z, (const float*)out, argmax, (const float*)grad_out, s, gamma, save_mean, save_invstd,
-             (float*)grad_z, grad_gamma, grad_beta);
+    backward((const float*)z, (const float*)out, argmax, (const float*)zsel, (const float*)grad_out, s, gamma,
+             save_mean, save_invstd, (float*)grad_z, grad_gamma, grad_beta);
   else if (dtype == 16)
-    backward((const uint16_t*)z, (const uint16_t*)out, argmax, (const uint16_t*)grad_out, s, gamma, save_mean,
-             save_invstd, (uint16_t*)grad_z, grad_gamma, grad_beta);
+    backward((const uint16_t*)z, (const uint16_t*)out, argmax, (const uint16_t*)zsel, (const uint16_t*)grad_out, s,
+             gamma, save_mean, save_invstd, (uint16_t*)grad_z, grad_gamma, grad_beta);
   else
     return 2;
   return 0;

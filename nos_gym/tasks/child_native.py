@@ -43,7 +43,11 @@ __all__ = ["ChildKernelUnavailableWarning", "NoBF16UnitsWarning", "available", "
            "cpu_has_bf16_units", "library", "warn_if_no_bf16_units"]
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "child_bn_pool.cpp"
-ABI_VERSION = 1
+ABI_VERSION = 2
+#: 256-bit vectors even where AVX-512 exists: the channel loops (32 channels a child) are too short
+#: for 512-bit vectors of the one-byte argmax, which leave them to the scalar remainder loop.
+#: Vector width does not change the numbers (nothing is reassociated).
+EXTRA_FLAGS = ("-mprefer-vector-width=256",)
 _DTYPES = {torch.float32: 32, torch.bfloat16: 16}
 
 
@@ -93,9 +97,9 @@ def _load(path: Path) -> ctypes.CDLL:
     if lib.nos_child_abi_version() != ABI_VERSION:
         raise RuntimeError(f"{path} has ABI {lib.nos_child_abi_version()}, expected {ABI_VERSION}")
     p, i64, f64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
-    lib.nos_bn_pool_forward.argtypes = [p, i32, i64, i64, i64, i64, p, p, p, p, f64, f64, i32, p, p, p, p]
+    lib.nos_bn_pool_forward.argtypes = [p, i32, i64, i64, i64, i64, p, p, p, p, f64, f64, i32, p, p, p, p, p]
     lib.nos_bn_pool_forward.restype = i32
-    lib.nos_bn_pool_backward.argtypes = [p, p, p, p, i32, i64, i64, i64, i64, p, p, p, p, p, p]
+    lib.nos_bn_pool_backward.argtypes = [p, p, p, p, p, i32, i64, i64, i64, i64, p, p, p, p, p, p]
     lib.nos_bn_pool_backward.restype = i32
     return lib
 
@@ -115,7 +119,7 @@ def library(arch: str = "native") -> ctypes.CDLL | None:
         from nos_gym.native import build
 
         try:
-            lib = _libraries[arch] = _load(build(arch, source=SOURCE))
+            lib = _libraries[arch] = _load(build(arch, source=SOURCE, extra_flags=EXTRA_FLAGS))
         except Exception as err:  # no compiler, a failed build, an unloadable library: torch's operators
             if arch != "native":
                 raise
@@ -151,31 +155,37 @@ class _BNReluPool(torch.autograd.Function):
         n, c, h, w = z.shape
         z = z.contiguous(memory_format=torch.channels_last)
         gamma, beta = gamma.detach().float().contiguous(), beta.detach().float().contiguous()
-        out = torch.empty((n, c, h // 2, w // 2), dtype=z.dtype, memory_format=torch.channels_last)
-        argmax = torch.empty(out.shape, dtype=torch.uint8, memory_format=torch.channels_last) if training else None
-        mean = torch.empty(c) if training else None
-        invstd = torch.empty(c) if training else None
+
+        def pooled(dtype: torch.dtype) -> Tensor:
+            return torch.empty((n, c, h // 2, w // 2), dtype=dtype, memory_format=torch.channels_last)
+
+        out = pooled(z.dtype)
+        argmax, zsel = (pooled(torch.uint8), pooled(z.dtype)) if training else (None, None)
+        mean, invstd = (torch.empty(c), torch.empty(c)) if training else (None, None)
         rc = lib.nos_bn_pool_forward(z.data_ptr(), _DTYPES[z.dtype], n, h, w, c, gamma.data_ptr(), beta.data_ptr(),
                                      _ptr(running_mean), _ptr(running_var), float(momentum), float(eps),
-                                     int(training), out.data_ptr(), _ptr(argmax), _ptr(mean), _ptr(invstd))
+                                     int(training), out.data_ptr(), _ptr(argmax), _ptr(zsel), _ptr(mean),
+                                     _ptr(invstd))
         if rc != 0:
             raise RuntimeError(f"nos_bn_pool_forward rejected its arguments (code {rc})")
         if training:
-            ctx.save_for_backward(z, out, argmax, gamma, mean, invstd)
+            ctx.save_for_backward(z, out, argmax, zsel, gamma, mean, invstd)
         ctx.arch = arch
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        z, out, argmax, gamma, mean, invstd = ctx.saved_tensors
+        if not ctx.saved_tensors:
+            raise RuntimeError("the native batch-norm/pool kernel has no backward in eval mode")
+        z, out, argmax, zsel, gamma, mean, invstd = ctx.saved_tensors
         n, c, h, w = z.shape
         grad_out = grad_out.to(z.dtype).contiguous(memory_format=torch.channels_last)
         grad_z = torch.empty_like(z, memory_format=torch.channels_last)
         grad_gamma, grad_beta = torch.empty(c), torch.empty(c)
         rc = library(ctx.arch).nos_bn_pool_backward(
-            z.data_ptr(), out.data_ptr(), argmax.data_ptr(), grad_out.data_ptr(), _DTYPES[z.dtype], n, h, w, c,
-            gamma.data_ptr(), mean.data_ptr(), invstd.data_ptr(), grad_z.data_ptr(), grad_gamma.data_ptr(),
-            grad_beta.data_ptr())
+            z.data_ptr(), out.data_ptr(), argmax.data_ptr(), zsel.data_ptr(), grad_out.data_ptr(), _DTYPES[z.dtype],
+            n, h, w, c, gamma.data_ptr(), mean.data_ptr(), invstd.data_ptr(), grad_z.data_ptr(),
+            grad_gamma.data_ptr(), grad_beta.data_ptr())
         if rc != 0:
             raise RuntimeError(f"nos_bn_pool_backward rejected its arguments (code {rc})")
         return grad_z, grad_gamma, grad_beta, None, None, None, None, None, None
@@ -193,8 +203,8 @@ def bn_relu_pool(z: Tensor, gamma: Tensor, beta: Tensor, running_mean: Tensor, r
     """``relu(max_pool2d(batch_norm(z, ...), 2))`` for z (N, C, H, W); returns (N, C, H/2, W/2).
 
     Training mode uses the batch's statistics and updates ``running_mean``/``running_var``
-    in place; eval mode uses them. ``native``: None picks the native kernel where it
-    applies (``native_applies``), True requires it, False runs torch's operators.
+    in place; eval mode uses them. ``native``: None picks the native kernel where it applies
+    (``native_applies``), True requires it, False runs torch's operators.
     """
     use = native_applies(z) if native is None else native
     if not use:

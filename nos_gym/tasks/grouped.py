@@ -13,12 +13,17 @@ the B update rules run as one ``BatchedRule`` call per step and the learning rat
 (B,) vector. The loss is the sum of the children's mean losses, so each row's gradient
 is exactly its own child's gradient. Every child sees the same minibatches.
 
+On a CPU the network runs child by child instead (``GroupedConvNet._per_child``): B
+one-child passes, each child's activations small enough to stay in cache, beat one
+grouped convolution there; the weights, the rule's update and the loss stay one (B, P)
+tensor and one call. Each batch norm + max-pool + ReLU block is one native kernel on a
+CPU (``nos_gym.tasks.child_native``), torch's operators on CUDA.
+
 A child whose loss or weights become non-finite is frozen (its row is zeroed and no
 longer updated) without a host sync; the group stops early once every child is frozen.
-Activations are channels_last by default, on CPU too: there batch norm, pooling and
-ReLU over B*32 channels run ~2x faster in that layout. On CUDA, ``precision="bf16"``
-runs the forward and backward under bf16 autocast, while weights, gradients and the
-rules stay in fp32.
+Activations are channels_last by default. ``precision="bf16"`` runs the forward and
+backward under bf16 autocast (the convolutions and matmuls in bfloat16), while weights,
+gradients, batch-norm statistics and the rules stay in fp32: the same code on CPU and CUDA.
 
 In fp32 the grouped network computes what B separate ``ChildNet`` s trained with
 ``NOSOptimizer`` compute, up to float rounding (tests/test_convnet.py checks B=4).
@@ -43,7 +48,7 @@ from nos_gym.data import Split, normalize
 from nos_gym.dsl import Program
 from nos_gym.rules import BatchedRule, Hyper, RuleState
 from nos_gym.tasks.child import batch_order, init_child, layout
-from nos_gym.tasks.child_native import bn_relu_pool
+from nos_gym.tasks.child_native import bn_relu_pool, native_applies
 
 BN_MOMENTUM, BN_EPS = 0.1, 1e-5  # nn.BatchNorm2d's defaults, as in ChildNet
 
@@ -112,11 +117,32 @@ class GroupedConvNet(nn.Module):
         b = self.children_count
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        h = self._block(self._conv(x, "conv1.weight", 1), 1)
-        h = self._block(self._conv(h, "conv2.weight", b), 2)
-        feats = h.reshape(h.shape[0], b, -1).transpose(0, 1)  # (B, N, filters*8*8), ChildNet's flatten order
+        if b > 1 and self.channels_last and (self.native if self.native is not None else native_applies(x)):
+            feats = self._per_child(x)
+        else:
+            h = self._block(self._conv(self._block(self._conv(x, "conv1.weight", 1), 1), "conv2.weight", b), 2)
+            feats = h.reshape(h.shape[0], b, -1).transpose(0, 1)  # (B, N, filters*8*8), ChildNet's flatten order
         w, bias = self.param("fc.weight"), self.param("fc.bias")  # (B, 10, in), (B, 10)
         return torch.baddbmm(bias.unsqueeze(1).to(feats.dtype), feats, w.transpose(1, 2).to(feats.dtype))
+
+    def _per_child(self, x: Tensor) -> Tensor:
+        """The convolutions and blocks child by child (the CPU's way: B one-child passes keep each
+        child's activations in cache, and beat one grouped convolution). Returns the flattened
+        features (B, N, filters*8*8)."""
+        f, cl = self.filters, torch.channels_last
+        # unbind, not indexing: its backward stacks the B gradients once, where B selects would each
+        # zero-fill a gradient of the whole tensor
+        params = [self.param(name).unbind(0) for name in ("conv1.weight", "bn1.weight", "bn1.bias", "conv2.weight",
+                                                          "bn2.weight", "bn2.bias")]
+        stats = [getattr(self, name).view(-1, f) for name in ("running_mean1", "running_var1", "running_mean2",
+                                                              "running_var2")]
+        kw = dict(training=self.training, momentum=BN_MOMENTUM, eps=BN_EPS, native=True)
+        feats = []
+        for (w1, g1, b1, w2, g2, b2), (m1, v1, m2, v2) in zip(zip(*params), zip(*stats)):
+            h = bn_relu_pool(F.conv2d(x, w1.contiguous(memory_format=cl), padding=1), g1, b1, m1, v1, **kw)
+            h = bn_relu_pool(F.conv2d(h, w2.contiguous(memory_format=cl), padding=1), g2, b2, m2, v2, **kw)
+            feats.append(h.flatten(1))  # ChildNet's flatten order (channel, row, column)
+        return torch.stack(feats)
 
 
 class GroupResult(NamedTuple):
