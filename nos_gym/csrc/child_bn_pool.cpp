@@ -45,6 +45,8 @@ inline float keep_if(bool t, float v) {
   return r;
 }
 
+constexpr int64_t STATS_RUN = 16;
+
 struct Shape {
   int64_t N, H, W, C;
   int64_t pixels() const { return N * H * W; }
@@ -109,15 +111,29 @@ void forward_train(const T* z, const Shape& s, const float* gamma, const float* 
                    float* running_var, double momentum, double eps, T* out, uint8_t* argmax, T* zsel,
                    float* save_mean, float* save_invstd) {
   const int64_t C = s.C, M = s.pixels();
+  // float sums over runs of STATS_RUN pixels, added into double sums: the float work vectorises
+  // twice as wide, and a run's sum is exact to float rounding of a few values
   std::vector<double> sum_(C, 0.0), sq_(C, 0.0);
+  std::vector<float> run_sum_(C), run_sq_(C);
   double* __restrict sum = sum_.data();
   double* __restrict sq = sq_.data();
-  for (int64_t p = 0; p < M; ++p) {
-    const T* __restrict row = z + p * C;
+  float* __restrict rs = run_sum_.data();
+  float* __restrict rq = run_sq_.data();
+  for (int64_t p0 = 0; p0 < M; p0 += STATS_RUN) {
+    const int64_t p1 = p0 + STATS_RUN < M ? p0 + STATS_RUN : M;
+    for (int64_t c = 0; c < C; ++c) rs[c] = rq[c] = 0.0f;
+    for (int64_t p = p0; p < p1; ++p) {
+      const T* __restrict row = z + p * C;
+      for (int64_t c = 0; c < C; ++c) {
+        const float v = load(row, c);
+        rs[c] = rs[c] + v;
+        float v2 = v * v;
+        rq[c] = rq[c] + v2;
+      }
+    }
     for (int64_t c = 0; c < C; ++c) {
-      const double v = load(row, c);
-      sum[c] = sum[c] + v;
-      sq[c] = sq[c] + v * v;
+      sum[c] = sum[c] + double(rs[c]);
+      sq[c] = sq[c] + double(rq[c]);
     }
   }
   std::vector<float> a(C), b(C);
