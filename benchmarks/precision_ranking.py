@@ -1,0 +1,150 @@
+"""Does bf16 rank rules as fp32 does? The same rules scored under both precisions, compared.
+
+Rules: SGD, Adam and PowerSign, then the seeded mix of ``fidelity_quality.rule_set`` (Table
+1, single-token mutants of it, random rules of the full space: rules of every quality, from
+chance to the best) up to ``--rules``. Each is scored by ``ConvNetTask`` on the search and
+NOS-Bench protocol ``{preset: cpu, schedule: halving}`` (child seed 0), once in fp32 and
+once with ``precision="bf16"``, directly (no Evaluator: no probe screens a rule out, so
+every rule is really trained twice). Reported: Kendall tau-b between the two rankings, the
+top-10 overlap, the largest score differences, and the order of SGD, Adam and PowerSign.
+
+Resumable: every score is appended to ``OUT/scores.jsonl`` as soon as it exists.
+
+    python benchmarks/precision_ranking.py                 # 40 rules, ~6 min on 2 cores
+    python benchmarks/precision_ranking.py --report        # the table from the scores file
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fidelity_quality import rule_set, top_overlap  # noqa: E402
+
+from nos_gym.dsl import parse  # noqa: E402
+from nos_gym.tasks.fidelity import kendall_tau  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "out" / "precision"
+PROTOCOL = {"schedule": "halving"}
+ANCHORS = {"SGD": "g", "Adam": "ADAM", "PowerSign": "g * exp(sign(g) * sign(m))"}
+
+_tasks: dict = {}
+
+
+def _score(text: str, precision: str) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    from nos_gym.tasks.convnet import ConvNetTask
+
+    task = _tasks.get(precision)
+    if task is None:
+        task = _tasks[precision] = ConvNetTask("cpu", device="cpu", precision=precision, **PROTOCOL)
+    t0 = time.perf_counter()
+    res = task.evaluate([parse(text)])[0]
+    return {"rule": text, "precision": precision, "reward": res.reward, "lr": res.metrics.get("lr"),
+            "seconds": time.perf_counter() - t0, "fingerprint": task.fingerprint}
+
+
+def rules(n: int) -> list[str]:
+    """The anchors, then ``rule_set``'s seeded mix, ``n`` distinct rules (as parsed text)."""
+    out, keys = [], set()
+    for text in [*ANCHORS.values(), *(str(p) for _, p in rule_set(max(4 * n, 200), seed=0))]:
+        p = parse(text)
+        if p.canonical_key not in keys:
+            keys.add(p.canonical_key)
+            out.append(str(p))
+        if len(out) == n:
+            break
+    return out
+
+
+def load(path: Path) -> dict[tuple[str, str], dict]:
+    scores = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                scores[(row["rule"], row["precision"])] = row
+    return scores
+
+
+def report(texts: list[str], scores: dict[tuple[str, str], dict]) -> str:
+    both = [t for t in texts if (t, "fp32") in scores and (t, "bf16") in scores]
+    x = [scores[(t, "fp32")]["reward"] for t in both]
+    y = [scores[(t, "bf16")]["reward"] for t in both]
+    lines = [f"{len(both)} rules scored in fp32 and bf16 on {{preset: cpu, schedule: halving}}, child seed 0",
+             f"Kendall tau-b (fp32 vs bf16): {kendall_tau(x, y):.3f}; top-10 overlap: "
+             f"{top_overlap(both, x, y, 10)}/10; rules above 0.3 in fp32: {sum(v > 0.3 for v in x)}, "
+             f"at chance (< 0.15): {sum(v < 0.15 for v in x)}"]
+    working = [i for i, v in enumerate(x) if v > 0.15]
+    lines.append(f"among the {len(working)} rules above 0.15 in fp32: Kendall tau-b "
+                 f"{kendall_tau([x[i] for i in working], [y[i] for i in working]):.3f}")
+    seconds = {p: sum(scores[(t, p)]["seconds"] for t in both) for p in ("fp32", "bf16")}
+    lines.append(f"training seconds, all rules: fp32 {seconds['fp32']:.0f}, bf16 {seconds['bf16']:.0f} "
+                 f"({seconds['fp32'] / max(seconds['bf16'], 1e-9):.2f}x)")
+    lines.append("\n| rule | fp32 | bf16 | bf16 - fp32 | lr fp32 | lr bf16 |\n|---|---:|---:|---:|---:|---:|")
+    order = sorted(both, key=lambda t: -scores[(t, "fp32")]["reward"])
+    for t in order:
+        a, b = scores[(t, "fp32")], scores[(t, "bf16")]
+        lines.append(f"| `{t}` | {a['reward']:.4f} | {b['reward']:.4f} | {b['reward'] - a['reward']:+.4f} | "
+                     f"{a['lr']} | {b['lr']} |")
+    anchors = {}
+    for name, text in ANCHORS.items():
+        t = str(parse(text))
+        if (t, "fp32") in scores and (t, "bf16") in scores:
+            anchors[name] = (scores[(t, "fp32")]["reward"], scores[(t, "bf16")]["reward"])
+    if len(anchors) == len(ANCHORS):
+        by = {p: [n for n, _ in sorted(anchors.items(), key=lambda kv, i=i: -kv[1][i])]
+              for i, p in enumerate(("fp32", "bf16"))}
+        same = by["fp32"] == by["bf16"]
+        lines.append(f"\nSGD / Adam / PowerSign order: fp32 {' > '.join(by['fp32'])}, bf16 {' > '.join(by['bf16'])}"
+                     f" ({'the same' if same else 'DIFFERENT'})")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rules", type=int, default=40, help="rules to score (at least 30 for the issue's check)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--report", action="store_true", help="print the table from the scores file only")
+    a = ap.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    path = a.out / "scores.jsonl"
+    texts = rules(a.rules)
+    scores = load(path)
+    todo = [(t, p) for t in texts for p in ("fp32", "bf16") if (t, p) not in scores]
+    if todo and not a.report:
+        print(f"{len(todo)} scores to compute ({len(scores)} in {path}); {a.workers} workers", flush=True)
+        t0 = time.time()
+        # spawn: a forked child of a process that has started torch's thread pool can hang
+        with ProcessPoolExecutor(a.workers, mp_context=multiprocessing.get_context("spawn")) as pool, \
+                path.open("a") as f:
+            futures = [pool.submit(_score, t, p) for t, p in todo]
+            for i, fut in enumerate(as_completed(futures), 1):
+                if fut.exception() is not None:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise fut.exception()
+                row = fut.result()
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                scores[(row["rule"], row["precision"])] = row
+                print(f"  {i}/{len(todo)} {row['precision']} {row['reward']:.4f} {row['rule']}", flush=True)
+        print(f"wall {time.time() - t0:.0f} s; load average {os.getloadavg()[0]:.2f}; {platform.machine()}")
+    text = report(texts, scores)
+    print(text)
+    (a.out / "report.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
