@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nos_gym.agents import read_log, top_rules  # noqa: E402
+from nos_gym.agents import figures, read_log, top_rules  # noqa: E402
 
 AGENTS = ("trpo_lstm", "random_search", "evolution")
 SEEDS = (0, 1, 2)  # the child seeds of the promotion, as cifar_search.sh runs it
@@ -79,37 +79,11 @@ def classics(root: Path, preset: str) -> dict[str, dict[str, Any]]:
 
 
 def figure4(runs: dict[str, dict[str, Any]], cpu: dict[str, dict[str, Any]], out: Path, window: int = 100) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 5))
-    for name, run in runs.items():
-        r = np.array([rec["reward"] for rec in run["records"]])
-        x = np.arange(1, len(r) + 1)
-        w = max(1, min(window, len(r)))
-        line, = ax.plot(x[w - 1:], np.convolve(r, np.ones(w) / w, mode="valid"), lw=1.8,
-                        label=f"{name}: mean of the last {w} sampled")
-        ax.plot(x, np.maximum.accumulate(r), lw=1, ls="--", color=line.get_color(), label=f"{name}: best so far")
-    if cpu:  # the classics as grey lines, named in one box (their values lie too close for labels)
-        for d in cpu.values():
-            ax.axhline(d["reward"], lw=0.8, ls=":", color="grey")
-        ax.text(0.99, 0.34, "dotted: the classics on this reward\n" + "\n".join(
-                    f"{label} {d['reward']:.3f}" for label, d in sorted(cpu.items(), key=lambda kv: -kv[1]["reward"])),
-                transform=ax.transAxes, fontsize=7, ha="right", va="bottom", color="dimgrey",
-                bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.8, "edgecolor": "lightgrey"})
-    ax.set_xlabel("Number of sampled optimizers")
-    ax.set_ylabel("Reward (validation accuracy of the child, cpu protocol)")
-    ax.set_ylim(0.0, 0.75)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")
-    ax.set_title("Figure 4 on CIFAR-10: the reward of sampled rules (cpu protocol, multi-fidelity)")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return figures.figure4({name: [rec["reward"] for rec in run["records"]] for name, run in runs.items()}, out,
+                           window=window, dots=False, references={k: d["reward"] for k, d in cpu.items()},
+                           title="Figure 4 on CIFAR-10: the reward of sampled rules (cpu protocol, multi-fidelity)",
+                           ylabel="Reward (validation accuracy of the child, cpu protocol)", ylim=(0.0, 0.75),
+                           figsize=(9, 5))
 
 
 def archive(run: dict[str, Any], dest: Path) -> None:

@@ -219,47 +219,17 @@ def cmd_plot(argv: list[str]) -> int:
 
 
 def plot_runs(run_dirs: Sequence[Path], out: Path, window: int = 100) -> Path:
-    """Figure 4 of the paper for runs: each sampled rule's reward, its moving average and the best so far.
-
-    Returns the path written: ``out``, with ".png" added when its suffix is not an image
-    format matplotlib writes (the suffix picks the format: png, pdf, svg, ...).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
+    """Figure 4 of the paper for runs (``nos_gym.agents.figures.figure4``); returns the path written."""
     from nos_gym.agents import ConfigError, read_log
+    from nos_gym.agents.figures import figure4
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    series = {}
     for d in run_dirs:
         records = read_log(d)
         if not records:
             raise ConfigError(f"{d} has no sampled rules yet")
-        r = np.array([rec["reward"] for rec in records])
-        x = np.arange(1, len(r) + 1)
-        label = d.name
-        ax.scatter(x, r, s=2, alpha=0.25)
-        w = max(1, min(window, len(r)))
-        moving = np.convolve(r, np.ones(w) / w, mode="valid")
-        line, = ax.plot(x[w - 1:], moving, lw=1.5, label=f"{label}: moving average ({w})")
-        ax.plot(x, np.maximum.accumulate(r), lw=1, ls="--", color=line.get_color(), label=f"{label}: best so far")
-    ax.set_xlabel("Number of sampled optimizers")
-    ax.set_ylabel("Controller reward")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")
-    ax.set_title("Controller reward as more optimizers are sampled")
-    fig.tight_layout()
-    fmt = Path(out).suffix.lower().lstrip(".")
-    if fmt not in fig.canvas.get_supported_filetypes():
-        out, fmt = Path(f"{out}.png"), "png"  # "-o out/x" writes out/x.png, and says so
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120, format=fmt)
-    plt.close(fig)
-    return out
+        series[d.name] = [rec["reward"] for rec in records]
+    return figure4(series, out, window=window)
 
 
 # ----------------------------------------------------------------------------- export
