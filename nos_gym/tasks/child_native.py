@@ -56,7 +56,7 @@ class ChildKernelUnavailableWarning(RuntimeWarning):
 
 
 class NoBF16UnitsWarning(RuntimeWarning):
-    """precision="bf16" on a CPU without bf16 arithmetic units: it runs, emulated, without the speed-up."""
+    """precision="bf16" on a CPU without bf16 arithmetic units: it runs, emulated, slower than fp32."""
 
 
 #: /proc/cpuinfo flags of CPU bf16 arithmetic (x86: AVX512-BF16, AMX; Arm: BF16)
@@ -83,7 +83,7 @@ def warn_if_no_bf16_units() -> None:
     if not _warned_bf16 and not cpu_has_bf16_units():
         _warned_bf16 = True
         warnings.warn("nos_gym: precision='bf16' on a CPU without bf16 units (AVX512-BF16/AMX): oneDNN emulates "
-                      "bfloat16 there, so expect no speed-up over fp32 (benchmarks/child_throughput.py measures it)",
+                      "bfloat16 there, which is slower than fp32; use precision='fp32' on this machine",
                       NoBF16UnitsWarning, stacklevel=3)
 
 

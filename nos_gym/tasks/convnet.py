@@ -354,7 +354,8 @@ class ConvNetTask(Task):
             weights, the batch-norm statistics, the rule's update and its running averages stay
             fp32), or "auto": bf16 on CUDA, fp32 elsewhere. Part of the fingerprint, since it changes
             the scores slightly. On a CPU, bf16 pays only where the cores have bf16 units
-            (AVX512-BF16 or AMX); elsewhere it warns once (``child_native.warn_if_no_bf16_units``).
+            (AVX512-BF16 or AMX); elsewhere it is emulated, slower than fp32, and warns once
+            (``child_native.warn_if_no_bf16_units``).
         rules_per_group: rules trained together as one grouped network (a sweep group
             holds ``len(lrs)`` times as many children). None: 128 on CUDA; 1 on CPU, where
             a group of B*7 children outgrows the caches and is no faster per child (see
