@@ -47,12 +47,13 @@ import subprocess
 import tempfile
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["FLAGS", "NativeUnavailableWarning", "RosenbrockArgs", "available", "build", "cache_dir", "library",
+__all__ = ["FLAGS", "NativeLibrary", "NativeUnavailableWarning", "RosenbrockArgs", "available", "build", "cache_dir",
+           "library",
            "bias_corrections", "rosenbrock_run", "rule_tables"]
 
 SOURCE = Path(__file__).parent / "csrc" / "rosenbrock_native.cpp"
@@ -79,11 +80,6 @@ class RosenbrockArgs(ctypes.Structure):
         ("start_x", ctypes.c_double), ("start_y", ctypes.c_double), ("a", ctypes.c_double), ("b", ctypes.c_double),
         ("out", ctypes.c_void_p), ("trace", ctypes.c_void_p),
     ]
-
-
-_lock = threading.Lock()
-_libraries: dict[str, ctypes.CDLL] = {}
-_unavailable: str | None = None
 
 
 def cache_dir() -> Path:
@@ -150,8 +146,46 @@ def build(arch: str = "native", directory: Path | None = None, source: Path = SO
     return target
 
 
-def _load(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
+class NativeLibrary:
+    """A C++ source of ``nos_gym/csrc``, built for ``-march=arch`` on first use and loaded with
+    ctypes (``setup`` checks its ABI and declares its functions): ``self(arch)`` is the library,
+    or None where it cannot be built (``warning`` is issued once, with ``fallback`` saying what
+    runs instead) or ``NOS_GYM_NATIVE=0``. Other ``arch`` values than "native" are for tests,
+    and raise where they cannot be built."""
+
+    def __init__(self, source: Path, setup: Callable[[ctypes.CDLL, Path], None], warning: type[Warning],
+                 fallback: str, extra_flags: tuple[str, ...] = ()):
+        self.source, self.setup, self.warning, self.fallback = source, setup, warning, fallback
+        self.extra_flags = extra_flags
+        self._lock = threading.Lock()
+        self._libraries: dict[str, ctypes.CDLL] = {}
+        self._unavailable: str | None = None
+
+    def __call__(self, arch: str = "native") -> ctypes.CDLL | None:
+        if os.environ.get("NOS_GYM_NATIVE", "1") == "0":
+            return None
+        with self._lock:
+            lib = self._libraries.get(arch)
+            if lib is not None:
+                return lib
+            if self._unavailable is not None and arch == "native":
+                return None
+            try:
+                path = build(arch, source=self.source, extra_flags=self.extra_flags)
+                lib = ctypes.CDLL(str(path))
+                self.setup(lib, path)
+                self._libraries[arch] = lib
+            except Exception as err:  # no compiler, a failed build, an unloadable library: fall back
+                if arch != "native":
+                    raise
+                self._unavailable = str(err)
+                warnings.warn(f"nos_gym: {self.source.name} is unavailable ({err}); {self.fallback}", self.warning,
+                              stacklevel=3)
+                return None
+        return lib
+
+
+def _setup_rosenbrock(lib: ctypes.CDLL, path: Path) -> None:
     if lib.nos_abi_version() != ABI_VERSION:
         raise RuntimeError(f"{path} has ABI {lib.nos_abi_version()}, expected {ABI_VERSION}")
     lib.nos_rosenbrock_run.argtypes = [ctypes.POINTER(RosenbrockArgs), ctypes.c_int, ctypes.c_int]
@@ -160,32 +194,12 @@ def _load(path: Path) -> ctypes.CDLL:
         getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     lib.nos_normal.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float]
     lib.nos_hash.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-    return lib
 
 
-def library(arch: str = "native") -> ctypes.CDLL | None:
-    """The loaded kernel for ``-march=arch`` (built on first use), or None where it cannot
-    be built (warned once) or ``NOS_GYM_NATIVE=0``. Other ``arch`` values are for tests."""
-    global _unavailable
-    if os.environ.get("NOS_GYM_NATIVE", "1") == "0":
-        return None
-    with _lock:
-        lib = _libraries.get(arch)
-        if lib is not None:
-            return lib
-        if _unavailable is not None and arch == "native":
-            return None
-        try:
-            lib = _libraries[arch] = _load(build(arch))
-        except Exception as err:  # no compiler, a failed build, an unloadable library: fall back
-            if arch != "native":
-                raise
-            _unavailable = str(err)
-            warnings.warn(f"nos_gym: the native Rosenbrock kernel is unavailable ({err}); the task runs torch's "
-                          "BatchedRule instead (about 10x slower, under another fingerprint)",
-                          NativeUnavailableWarning, stacklevel=3)
-            return None
-    return lib
+#: the Rosenbrock kernel: ``library(arch)``
+library = NativeLibrary(SOURCE, _setup_rosenbrock, NativeUnavailableWarning,
+                        "the Rosenbrock task runs torch's BatchedRule instead (about 10x slower, under another "
+                        "fingerprint)")
 
 
 def available() -> bool:

@@ -30,14 +30,14 @@ runs torch's operators (``bn_relu_pool_reference``), so a network has one code p
 from __future__ import annotations
 
 import ctypes
-import os
-import threading
 import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from nos_gym.native import NativeLibrary
 
 __all__ = ["ChildKernelUnavailableWarning", "NoBF16UnitsWarning", "available", "bn_relu_pool", "bn_relu_pool_reference",
            "cpu_has_bf16_units", "library", "warn_if_no_bf16_units"]
@@ -87,13 +87,7 @@ def warn_if_no_bf16_units() -> None:
                       NoBF16UnitsWarning, stacklevel=3)
 
 
-_lock = threading.Lock()
-_libraries: dict[str, ctypes.CDLL] = {}
-_unavailable: str | None = None
-
-
-def _load(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
+def _setup(lib: ctypes.CDLL, path: Path) -> None:
     if lib.nos_child_abi_version() != ABI_VERSION:
         raise RuntimeError(f"{path} has ABI {lib.nos_child_abi_version()}, expected {ABI_VERSION}")
     p, i64, f64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
@@ -101,34 +95,12 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.nos_bn_pool_forward.restype = i32
     lib.nos_bn_pool_backward.argtypes = [p, p, p, p, p, i32, i64, i64, i64, i64, p, p, p, p, p, p]
     lib.nos_bn_pool_backward.restype = i32
-    return lib
 
 
-def library(arch: str = "native") -> ctypes.CDLL | None:
-    """The loaded kernel for ``-march=arch`` (built on first use), or None where it cannot be
-    built (warned once) or ``NOS_GYM_NATIVE=0``. Other ``arch`` values are for tests."""
-    global _unavailable
-    if os.environ.get("NOS_GYM_NATIVE", "1") == "0":
-        return None
-    with _lock:
-        lib = _libraries.get(arch)
-        if lib is not None:
-            return lib
-        if _unavailable is not None and arch == "native":
-            return None
-        from nos_gym.native import build
-
-        try:
-            lib = _libraries[arch] = _load(build(arch, source=SOURCE, extra_flags=EXTRA_FLAGS))
-        except Exception as err:  # no compiler, a failed build, an unloadable library: torch's operators
-            if arch != "native":
-                raise
-            _unavailable = str(err)
-            warnings.warn(f"nos_gym: the child's native batch-norm/pool kernel is unavailable ({err}); torch's "
-                          "operators run instead (slower on CPU; scores differ by float rounding)",
-                          ChildKernelUnavailableWarning, stacklevel=3)
-            return None
-    return lib
+#: the kernel: ``library(arch)`` is the loaded library or None (``nos_gym.native.NativeLibrary``)
+library = NativeLibrary(SOURCE, _setup, ChildKernelUnavailableWarning,
+                        "torch's operators run the child's batch norm + pool + ReLU instead (slower on CPU; scores "
+                        "differ by float rounding, under another fingerprint)", EXTRA_FLAGS)
 
 
 def available() -> bool:
