@@ -70,6 +70,7 @@ class GroupedConvNet(nn.Module):
             n = math.prod(shape)
             self._slices[name] = (slice(offset, offset + n), shape)
             offset += n
+        self._sizes = [sl.stop - sl.start for sl, _ in self._slices.values()]
         init = init.float()
         if init.dim() == 1:
             init = init.unsqueeze(0).expand(children, -1)
@@ -100,16 +101,22 @@ class GroupedConvNet(nn.Module):
         sl, shape = self._slices[name]
         return self.flat[:, sl].reshape(self.children_count, *shape)
 
-    def _conv(self, x: Tensor, name: str, groups: int) -> Tensor:
-        w = self.param(name)
+    def params(self) -> dict[str, Tensor]:
+        """Every weight of every child, shaped (B, *shape), from one split of the flat rows: its
+        backward writes each gradient once, where a slice per weight zero-fills the whole rows."""
+        parts = torch.split(self.flat, self._sizes, dim=1)
+        return {name: part.reshape(self.children_count, *shape)
+                for (name, (_, shape)), part in zip(self._slices.items(), parts)}
+
+    def _conv(self, x: Tensor, w: Tensor, groups: int) -> Tensor:
         w = w.reshape(-1, *w.shape[2:])  # (B*filters, in, 3, 3)
         if self.channels_last:
             w = w.contiguous(memory_format=torch.channels_last)
         return F.conv2d(x, w, padding=1, groups=groups)
 
-    def _block(self, x: Tensor, k: int) -> Tensor:
+    def _block(self, x: Tensor, k: int, w: dict[str, Tensor]) -> Tensor:
         """relu(max_pool2d(batch_norm(x))) of block ``k`` (one native kernel on CPU: ``child_native``)."""
-        return bn_relu_pool(x, self.param(f"bn{k}.weight").reshape(-1), self.param(f"bn{k}.bias").reshape(-1),
+        return bn_relu_pool(x, w[f"bn{k}.weight"].reshape(-1), w[f"bn{k}.bias"].reshape(-1),
                             getattr(self, f"running_mean{k}"), getattr(self, f"running_var{k}"),
                             training=self.training, momentum=BN_MOMENTUM, eps=BN_EPS, native=self.native)
 
@@ -117,28 +124,30 @@ class GroupedConvNet(nn.Module):
         b = self.children_count
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        w = self.params()
         if b > 1 and self.channels_last and (self.native if self.native is not None else native_applies(x)):
-            feats = self._per_child(x)
+            feats = self._per_child(x, w)
         else:
-            h = self._block(self._conv(self._block(self._conv(x, "conv1.weight", 1), 1), "conv2.weight", b), 2)
+            h = self._block(self._conv(x, w["conv1.weight"], 1), 1, w)
+            h = self._block(self._conv(h, w["conv2.weight"], b), 2, w)
             feats = h.reshape(h.shape[0], b, -1).transpose(0, 1)  # (B, N, filters*8*8), ChildNet's flatten order
-        w, bias = self.param("fc.weight"), self.param("fc.bias")  # (B, 10, in), (B, 10)
-        return torch.baddbmm(bias.unsqueeze(1).to(feats.dtype), feats, w.transpose(1, 2).to(feats.dtype))
+        fc, bias = w["fc.weight"], w["fc.bias"]  # (B, 10, in), (B, 10)
+        return torch.baddbmm(bias.unsqueeze(1).to(feats.dtype), feats, fc.transpose(1, 2).to(feats.dtype))
 
-    def _per_child(self, x: Tensor) -> Tensor:
+    def _per_child(self, x: Tensor, w: dict[str, Tensor]) -> Tensor:
         """The convolutions and blocks child by child (the CPU's way: B one-child passes keep each
         child's activations in cache, and beat one grouped convolution). Returns the flattened
         features (B, N, filters*8*8)."""
         f, cl = self.filters, torch.channels_last
         # unbind, not indexing: its backward stacks the B gradients once, where B selects would each
         # zero-fill a gradient of the whole tensor
-        params = [self.param(name).unbind(0) for name in ("conv1.weight", "bn1.weight", "bn1.bias", "conv2.weight",
-                                                          "bn2.weight", "bn2.bias")]
+        params = [w[name].unbind(0) for name in ("conv1.weight", "bn1.weight", "bn1.bias", "conv2.weight",
+                                                 "bn2.weight", "bn2.bias")]
         stats = [getattr(self, name).view(-1, f) for name in ("running_mean1", "running_var1", "running_mean2",
                                                               "running_var2")]
         kw = dict(training=self.training, momentum=BN_MOMENTUM, eps=BN_EPS, native=True)
         feats = []
-        for (w1, g1, b1, w2, g2, b2), (m1, v1, m2, v2) in zip(zip(*params), zip(*stats)):
+        for (w1, g1, b1, w2, g2, b2), (m1, v1, m2, v2) in zip(zip(*params), zip(*stats), strict=True):
             h = bn_relu_pool(F.conv2d(x, w1.contiguous(memory_format=cl), padding=1), g1, b1, m1, v1, **kw)
             h = bn_relu_pool(F.conv2d(h, w2.contiguous(memory_format=cl), padding=1), g2, b2, m2, v2, **kw)
             feats.append(h.flatten(1))  # ChildNet's flatten order (channel, row, column)
@@ -181,6 +190,12 @@ def _autocast(device: torch.device, precision: str):
     if precision != "fp32":
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     return nullcontext()
+
+
+def _batch(images: Tensor, channels_last: bool) -> Tensor:
+    """A uint8 minibatch as the network's normalised float input; channels-last before the conversion
+    (a copy of the bytes, not of the floats), which the elementwise normalisation keeps."""
+    return normalize(images.contiguous(memory_format=torch.channels_last) if channels_last else images)
 
 
 def per_child_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -261,8 +276,8 @@ def train_children(programs: Sequence[Program], lrs: Sequence[float] | Tensor, t
         # (each look is a host sync, which a GPU pays for)
         if steps and (steps & (steps - 1) == 0 or steps % check_every == 0) and not bool(alive.any()):
             break  # every child has diverged: stop early
-        state, last_loss = train_step(net, rule, state, lr, alive, normalize(train.images[idx]), train.labels[idx],
-                                      precision)
+        state, last_loss = train_step(net, rule, state, lr, alive, _batch(train.images[idx], channels_last),
+                                      train.labels[idx], precision)
         steps += 1
     if bool(alive.any()):
         acc, finite = evaluate_children(net, val, batch_size, precision)
@@ -284,7 +299,7 @@ def evaluate_children(net: GroupedConvNet, val: Split, batch_size: int, precisio
     correct = torch.zeros(b, device=device)
     finite = torch.ones(b, dtype=torch.bool, device=device)
     for start in range(0, len(val), batch_size):
-        x, y = normalize(val.images[start:start + batch_size]), val.labels[start:start + batch_size]
+        x, y = _batch(val.images[start:start + batch_size], net.channels_last), val.labels[start:start + batch_size]
         with _autocast(device, precision):
             logits = net(x).float()
         finite &= torch.isfinite(logits).flatten(1).all(1)
