@@ -293,3 +293,133 @@ def test_evolution_novel_children_samples_each_rule_once(tmp_path):
     assert len(set(children)) == len(children) and not set(children) & first_gen
     plain_children = [r["key"] for r in plain[8:]]
     assert len(set(plain_children)) < len(plain_children)  # what the option is for: the plain run re-samples
+
+
+# ------------------------------------------------------ beyond the paper (issue 22): PQT, guided evolution
+def test_priority_queue_keeps_the_best_distinct_rules():
+    from nos_gym.agents.guidance import PriorityQueue
+
+    q = PriorityQueue(3)
+    tokens = np.arange(5 * 2).reshape(5, 2)
+    masks = np.ones((5, 2, 4), dtype=bool)
+    assert q.push(["a", "b", "a", "c", "d"], [0.5, 0.9, 0.7, 0.1, float("nan")], tokens, masks) == 3
+    # one entry per rule (its first tokens, its best reward), best first; NaN never enters
+    assert [e["key"] for e in q.entries] == ["b", "a", "c"] and q.rewards() == [0.9, 0.7, 0.1]
+    assert q.entries[1]["tokens"].tolist() == [0, 1]
+    assert q.push(["e", "f"], [0.05, 0.8], tokens[:2], masks[:2]) == 1  # e is below the queue, f enters
+    assert [e["key"] for e in q.entries] == ["b", "f", "a"]
+    assert q.push(["g"], [0.7], tokens[:1], masks[:1]) == 0  # a tie with the last entry: the earlier stays
+    t, m = q.tensors()
+    assert t.shape == (3, 2) and m.shape == (3, 2, 4) and m.dtype == torch.bool
+    restored = PriorityQueue(3)
+    restored.load_state_dict(q.state_dict())
+    assert [e["key"] for e in restored.entries] == ["b", "f", "a"]
+
+
+def test_pqt_step_makes_the_queued_rules_more_likely(trpo):
+    """With the policy-gradient term off, a TRPO step learns from the queue alone: the queued rules'
+    log-likelihood rises, within the trust region measured over batch and queue."""
+    policy, masker, tokens, masks = fixed_batch(n=30, seed=4)
+    queue = (tokens[:3].clone(), masks[:3].clone())
+    args = trpo.Args(max_kl=0.05, entropy_coef=0.0, pqt_k=3, pqt_policy_gradient=False)
+    with torch.no_grad():
+        before = policy.evaluate(*queue)[0]
+        old_all = policy(torch.cat([tokens, queue[0]]), torch.cat([masks, queue[1]]))
+    stats = trpo.trpo_step(policy, tokens, masks, torch.randn(30), args, queue)
+    assert stats["accepted"]
+    with torch.no_grad():
+        after = policy.evaluate(*queue)[0]
+        kl = masked_kl(old_all, policy(torch.cat([tokens, queue[0]]), torch.cat([masks, queue[1]])),
+                       torch.cat([masks, queue[1]])).mean().item()
+    assert (after > before).all()
+    assert kl == pytest.approx(stats["kl"], rel=1e-4) and kl <= 0.05 + 1e-6
+
+
+def test_trpo_without_a_queue_is_the_papers_step(trpo):
+    """An empty queue, or none, leaves the step exactly the paper's."""
+    results = []
+    for queue in (None, (torch.zeros((0, 10), dtype=torch.long), torch.zeros((0, 10, 34), dtype=torch.bool))):
+        policy, _, tokens, masks = fixed_batch(n=20, seed=2)
+        trpo.trpo_step(policy, tokens, masks, torch.linspace(-1, 1, 20), trpo.Args(), queue)
+        results.append(torch.cat([p.flatten() for p in policy.parameters()]))
+    assert torch.equal(results[0], results[1])
+
+
+def test_with_fixed_rows_writes_the_given_strings_last():
+    from nos_gym.agents.guidance import with_fixed_rows
+
+    seen = []
+
+    def act(t, masks):
+        seen.append(len(masks))
+        return np.full(len(masks), 7)
+
+    fixed = np.array([[1, 2], [3, 4]])
+    mixed = with_fixed_rows(act, fixed)
+    assert mixed(1, np.ones((5, 9), dtype=bool)).tolist() == [7, 7, 7, 2, 4] and seen == [3]
+    assert with_fixed_rows(act, np.zeros((0, 2))) is act
+
+
+def test_guided_evolution_children_come_from_the_population():
+    from nos_gym.agents.guidance import GuidedEvolution
+
+    masker = Masker(get_space("small"), 2, Constraints())
+    rng = np.random.default_rng(0)
+    guide = GuidedEvolution(children=4, population_size=6, tournament_size=2, seed=1)
+    assert len(guide.children(masker)) == 0  # not before the population is full
+    tokens = np.array([masker.sample(rng).ids(masker.vocab) for _ in range(8)])
+    guide.add(tokens, np.linspace(0, 1, 8))
+    assert len(guide.population) == 6 and guide.best() == 1.0  # the oldest two left
+    children = guide.children(masker)
+    assert children.shape == (4, masker.length)
+    for child in children:
+        assert masker.violations(Program.from_ids(child, masker.vocab)) == []
+        # one mutation away from a member of the population
+        assert min(int((child != t).sum()) for t, _ in guide.population) >= 1
+    again = GuidedEvolution(children=4, population_size=6, tournament_size=2, seed=1)
+    again.load_state_dict(GuidedEvolution(4, 6, 2, seed=1).state_dict())
+    again.add(tokens, np.linspace(0, 1, 8))
+    assert np.array_equal(again.children(masker), children)  # its own seeded stream
+
+
+def test_presets_set_the_controller_and_lose_to_flags(tmp_path):
+    from nos_gym.agents.config import ConfigError, parse_args
+    from nos_gym.agents.trpo_lstm import Args
+
+    paper, _ = parse_args(Args, ["--preset", "paper"])
+    assert (paper.max_kl, paper.baseline, paper.pqt_k, paper.evolution_fraction, paper.entropy_coef) == \
+        (0.01, "ema", 0, 0.0, 0.0015)
+    assert paper.num_envs == Args().num_envs  # a preset leaves the batch and the budget alone
+    pqt, _ = parse_args(Args, ["--preset", "pqt", "--pqt-k", "5"])
+    assert pqt.pqt_k == 5 and pqt.baseline == "risk_seeking" and pqt.preset == "pqt"
+    config = tmp_path / "c.yaml"
+    config.write_text("preset: hybrid\nmax_kl: 0.3\n")
+    hybrid, _ = parse_args(Args, ["--config", str(config)])
+    assert hybrid.evolution_fraction == 0.5 and hybrid.max_kl == 0.3 and hybrid.pqt_k == 10
+    assert Args().pqt_k == 0 and Args().evolution_fraction == 0.0 and Args().preset == ""  # defaults unchanged
+    with pytest.raises(ConfigError, match="unknown preset 'fast'"):
+        parse_args(Args, ["--preset", "fast"])
+    with pytest.raises(ConfigError, match="evolution_fraction"):
+        parse_args(Args, ["--evolution-fraction", "0.99", "--num-envs", "20"])
+    with pytest.raises(ConfigError, match="pqt_policy_gradient"):
+        parse_args(Args, ["--no-pqt-policy-gradient"])
+
+
+@pytest.mark.parametrize("agent", ["trpo_lstm", "reinforce_lstm"])
+def test_pqt_and_guided_evolution_run_end_to_end_and_resume(agent, tmp_path):
+    """The hybrid preset on both LSTM agents: the queue holds the run's best distinct rules, the last
+    rows of each batch after the first generation are children, and a resumed run continues the same."""
+    module = load_agent(agent)
+    common = FAST[:4] + ["--no-progress", "--depth", "2", "--space", "small", "--num-envs", "10", "--seed", "2",
+                         "--preset", "hybrid", "--evolution-population", "10", "--evolution-tournament", "3",
+                         "--pqt-k", "4", "--store", str(tmp_path / "s.sqlite")]
+    module.main(common + ["--total-rules", "40", "--run-dir", str(tmp_path / "full")])
+    module.main(common + ["--total-rules", "20", "--run-dir", str(tmp_path / "half")])
+    module.main(FAST[2:4] + ["--no-progress", "--total-rules", "40", "--resume", str(tmp_path / "half")])
+    full, half = read_log(tmp_path / "full"), read_log(tmp_path / "half")
+    assert [r["key"] for r in full] == [r["key"] for r in half]  # the queue and population were restored
+    updates = [json.loads(line) for line in (tmp_path / "full" / "updates.jsonl").read_text().splitlines()]
+    assert [u["children"] for u in updates] == [0, 5, 5, 5]
+    best4 = sorted({r["key"]: r["reward"] for r in full}.values(), reverse=True)[:4]
+    assert updates[-1]["queue_best"] == pytest.approx(best4[0]) and updates[-1]["queue_worst"] == pytest.approx(best4[3])
+    assert updates[-1]["queue_size"] == 4

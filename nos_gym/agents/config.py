@@ -5,7 +5,8 @@ top of the ones every run shares (``RunArgs``). ``parse_args(Args, argv)`` build
 command line from the dataclass, so every setting is a flag (``--max-kl 0.02``), and
 ``--config configs/NAME.yaml`` loads a file first (flags given as well win).
 
-Precedence: dataclass defaults < ``--config`` file < flags. With ``--resume RUN_DIR`` the
+Precedence: dataclass defaults < ``--preset`` (a named bundle of an agent's settings, its ``PRESETS``;
+named by a flag or by the file) < ``--config`` file < flags. With ``--resume RUN_DIR`` the
 run's saved ``config.yaml`` replaces the defaults and the file; only ``RESUME_OVERRIDABLE``
 settings (the budget, the progress bar, threads, top-k, the evaluation time limit, the Ray
 address) may be changed by flags.
@@ -30,13 +31,13 @@ import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
 __all__ = [
-    "ConfigError", "MAX_DEPTH", "MAX_SEED", "RESUME_OVERRIDABLE", "ResumeDir", "RunArgs", "args_to_dict",
-    "check_agent", "check_types", "load_yaml", "parse_args", "args_from_dict",
+    "CONTROLLER_PRESETS", "ConfigError", "MAX_DEPTH", "MAX_SEED", "RESUME_OVERRIDABLE", "ResumeDir", "RunArgs", "args_to_dict",
+    "check_agent", "check_types", "load_yaml", "parse_args", "args_from_dict", "preset_args",
 ]
 
 
@@ -255,6 +256,24 @@ def check_range(args: Any, key: str, low: float | None = None, high: float | Non
         raise ConfigError(f"config key {key!r} must be in {'(' if low_open else '['}{lo}, {hi}], got {value!r}")
 
 
+#: ``--preset`` bundles every LSTM controller agent shares (each agent adds its own keys, e.g. TRPO's max_kl):
+#:
+#: - paper: the paper's network, entropy bonus and EMA baseline (section 4.2), no queue, no guided evolution;
+#: - pqt: priority-queue training at the literature's settings, a queue of 10 (dso's pqt_k, brain_coder's
+#:   topk) on top of the risk-seeking gradient (dso's combination);
+#: - hybrid: pqt plus neural-guided evolution, half of each batch the population's children (a population
+#:   of 100 and tournaments of 25: agents/evolution.py's defaults).
+CONTROLLER_PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {"hidden_size": 150, "init_scale": 0.08, "entropy_coef": 0.0015, "baseline": "ema",
+              "baseline_decay": 0.9, "risk_epsilon": 0.05, "distinct_in_batch": False, "pqt_k": 0, "pqt_weight": 1.0,
+              "pqt_policy_gradient": True, "evolution_fraction": 0.0, "evolution_population": 100,
+              "evolution_tournament": 25, "evolution_mutations": 1},
+}
+CONTROLLER_PRESETS["pqt"] = {**CONTROLLER_PRESETS["paper"], "baseline": "risk_seeking", "risk_epsilon": 0.1,
+                             "pqt_k": 10, "pqt_weight": 1.0}
+CONTROLLER_PRESETS["hybrid"] = {**CONTROLLER_PRESETS["pqt"], "evolution_fraction": 0.5}
+
+
 @dataclass
 class ControllerArgs(RunArgs):
     """Settings of the LSTM controller agents (``trpo_lstm``, ``reinforce_lstm``): the network
@@ -276,6 +295,36 @@ class ControllerArgs(RunArgs):
     distinct_in_batch: bool = False
     """count each distinct rule of a batch once in the update (a biased gradient that resists
     collapse onto one rule; see nos_gym/agents/advantage.py first_occurrences)"""
+    # --- what the controller learns from besides its batch (nos_gym/agents/guidance.py) ----
+    pqt_k: int = 0
+    """priority-queue training (Abolafia et al. 2018): keep the best pqt_k distinct rules sampled so far
+    and add pqt_weight * their mean log-likelihood to every update's objective; 0: off (the paper)"""
+    pqt_weight: float = 1.0
+    """weight of the queue's mean log-likelihood in the objective (pqt_k > 0)"""
+    pqt_policy_gradient: bool = True
+    """with pqt_k > 0, keep the policy-gradient term of the batch; false: learn from the queue and the
+    entropy bonus alone (dso's pqt_use_pg false)"""
+    evolution_fraction: float = 0.0
+    """neural-guided evolution (dso's hybrid): round(evolution_fraction * num_envs) rules of each batch are
+    children of a regularized-evolution population that the controller's samples join; the controller
+    trains on the whole batch (and, with pqt_k, on the best rules of both); 0: off (the paper)"""
+    evolution_population: int = 100
+    """evolution_fraction > 0: rules alive in the guided population (the newest; the oldest leave)"""
+    evolution_tournament: int = 25
+    """evolution_fraction > 0: members drawn per tournament; the best is mutated"""
+    evolution_mutations: int = 1
+    """evolution_fraction > 0: token mutations per child"""
+    preset: str = ""
+    """a named bundle of the controller's settings applied under the config file and the flags
+    (the agent's PRESETS: paper, pqt, hybrid); empty: none"""
+
+    @property
+    def evolution_children(self) -> int:
+        """Rules of each batch that guided evolution writes: ``round(evolution_fraction * num_envs)``."""
+        return int(round(self.evolution_fraction * self.num_envs))
+
+    #: named bundles of settings (``--preset NAME``, ``CONTROLLER_PRESETS``); each agent adds its own keys
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = CONTROLLER_PRESETS
 
     def validate(self) -> None:
         super().validate()
@@ -289,6 +338,25 @@ class ControllerArgs(RunArgs):
                               f"{list(BASELINES)}")
         check_range(self, "baseline_decay", 0.0, 1.0)
         check_range(self, "risk_epsilon", 0.0, 1.0, low_open=True)
+        check_range(self, "pqt_k", 0)
+        check_range(self, "pqt_weight", 0.0)
+        check_range(self, "evolution_fraction", 0.0, 1.0)
+        check_range(self, "evolution_population", 2)
+        check_range(self, "evolution_tournament", 1)
+        check_range(self, "evolution_mutations", 1)
+        if self.evolution_children >= self.num_envs:
+            raise ConfigError(f"config key 'evolution_fraction' ({self.evolution_fraction}) leaves no rule of a "
+                              f"batch of {self.num_envs} to the controller (round(fraction * num_envs) = "
+                              f"{self.evolution_children}); choose a smaller fraction")
+        if self.evolution_tournament > self.evolution_population:
+            raise ConfigError(f"config key 'evolution_tournament' ({self.evolution_tournament}) must be <= "
+                              f"evolution_population ({self.evolution_population})")
+        if self.pqt_k == 0 and not self.pqt_policy_gradient:
+            raise ConfigError("config key 'pqt_policy_gradient' is false but pqt_k is 0: the update would learn "
+                              "from nothing; set pqt_k > 0 or pqt_policy_gradient: true")
+        if self.preset and self.preset not in self.PRESETS:
+            raise ConfigError(f"config key 'preset': unknown preset {self.preset!r}; allowed values: "
+                              f"{sorted(self.PRESETS)} (or empty for none)")
 
 
 #: settings a resumed run may change (anything else would make it a different run)
@@ -533,6 +601,18 @@ def _field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def preset_args(cls: type[A], name: Any) -> A | None:
+    """``cls`` built from its defaults with the preset ``name`` (``cls.PRESETS[name]``) applied, and
+    ``preset`` set to ``name``; None for no preset (an empty name). ``ConfigError`` for an unknown name."""
+    if not name:
+        return None
+    presets = getattr(cls, "PRESETS", {})
+    if not isinstance(name, str) or name not in presets:
+        allowed = sorted(presets) if presets else "none (this agent has no presets)"
+        raise ConfigError(f"config key 'preset': unknown preset {name!r}; allowed values: {allowed}")
+    return args_from_dict(cls, {**presets[name], "preset": name}, where=f"preset {name!r}")
+
+
 def parse_args(cls: type[A], argv: Sequence[str] | None = None, agent: str | None = None,
                description: str | None = None) -> tuple[A, str | None]:
     """Settings from defaults, ``--config FILE`` and flags; ``(args, resume_dir_or_None)``.
@@ -569,12 +649,14 @@ def parse_args(cls: type[A], argv: Sequence[str] | None = None, agent: str | Non
         args.run_dir = str(resume)
         resume = ResumeDir(resume, rebuild)
     else:
-        base = None
+        data: dict[str, Any] = {}
         if config_path is not None:
             data = load_yaml(config_path)
             if agent is not None:
                 check_agent(data, agent, str(config_path))
-            base = args_from_dict(cls, data, where=str(config_path))
+        base = preset_args(cls, ns.get("preset", data.get("preset", "")))
+        if config_path is not None:
+            base = args_from_dict(cls, data, where=str(config_path), base=base)
         args = args_from_dict(cls, ns, where="the command line", base=base)
     args.validate()
     return args, resume

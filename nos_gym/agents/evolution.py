@@ -77,6 +77,23 @@ def make_child(parent: np.ndarray, masker: Masker, rng: np.random.Generator, mut
     return child
 
 
+def tournament_children(population: Sequence[tuple[np.ndarray, float]], n: int, masker: Masker,
+                        rng: np.random.Generator, tournament_size: int, mutations: int,
+                        seen: set | None = None, tries: int = 1) -> np.ndarray:
+    """``(n, L)`` children of ``population`` (``(token ids, reward)`` pairs): for each, the best of
+    ``tournament_size`` members drawn without replacement, mutated by ``make_child``; with ``seen``,
+    each child's canonical key is added to it (so no rule is made twice in one call)."""
+    children = []
+    for _ in range(n):
+        picks = rng.choice(len(population), size=tournament_size, replace=False)
+        parent = max(picks, key=lambda k: population[k][1])
+        child = make_child(population[parent][0], masker, rng, mutations, seen, tries)
+        if seen is not None:
+            seen.add(Program.from_ids(child, masker.vocab).canonical_key)
+        children.append(child)
+    return np.stack(children) if children else np.zeros((0, masker.length), dtype=np.int64)
+
+
 def mutate(tokens: np.ndarray, masker: Masker, rng: np.random.Generator) -> np.ndarray:
     """A copy of ``tokens`` with one position changed to another valid token, the rest repaired."""
     child = np.array(tokens, dtype=np.int64)
@@ -114,15 +131,9 @@ def main(argv: Sequence[str] | None = None) -> Run:
                 batch = rollout(envs, uniform_actions(rng))
             else:
                 # 1b. tournament selection, then a mask-respecting mutation of each winner
-                children = []
-                for _ in range(args.num_envs):
-                    picks = rng.choice(len(population), size=args.tournament_size, replace=False)
-                    parent = max(picks, key=lambda k: population[k][1])
-                    child = make_child(population[parent][0], masker, rng, args.mutations, seen, args.novel_tries)
-                    if seen is not None:  # nor twice in one batch
-                        seen.add(Program.from_ids(child, masker.vocab).canonical_key)
-                    children.append(child)
-                batch = play(envs, np.stack(children))  # the env scores the children together
+                children = tournament_children(population, args.num_envs, masker, rng, args.tournament_size,
+                                               args.mutations, seen, args.novel_tries)
+                batch = play(envs, children)  # the env scores the children together
             run.record(b, batch.infos, batch.rewards)
             if seen is not None:
                 seen.update(Program.from_ids(t, masker.vocab).canonical_key for t in batch.tokens)

@@ -11,6 +11,11 @@ Optimization (section 3.2):
 - the objective: J = E[R] plus an entropy bonus (the paper's "entropy penalty", 0.0015);
 - the baseline: an exponential moving average of rewards (section 3.2), or, with
   ``--baseline risk_seeking``, dso's risk-seeking gradient (``nos_gym/agents/advantage.py``);
+- beyond the paper (``nos_gym/agents/guidance.py``), both off unless asked for:
+  ``--pqt-k K`` adds priority-queue training (the best K distinct rules so far, their
+  log-likelihood in every update's objective, weight ``--pqt-weight``), and
+  ``--evolution-fraction F`` makes that fraction of each batch children of a regularized-evolution
+  population that the controller's samples seed (dso's neural-guided hybrid);
 - the update: TRPO -- the natural-gradient direction by conjugate gradient on the
   Fisher (the Hessian of the KL), scaled to the trust region ``max_kl``, then a
   backtracking line search that accepts the first step that improves the surrogate and
@@ -21,6 +26,9 @@ Run it::
     python agents/trpo_lstm.py                       # Rosenbrock fast reward, ~1 minute on one CPU core
     python agents/trpo_lstm.py --total-rules 20000 --space small --depth 1
     python agents/trpo_lstm.py --config configs/paper.yaml   # the paper's settings (CIFAR-10 child)
+    python agents/trpo_lstm.py --preset paper        # the paper's controller settings, on any task
+    python agents/trpo_lstm.py --preset pqt          # + priority-queue training
+    python agents/trpo_lstm.py --preset hybrid       # + priority queue + neural-guided evolution
     python agents/trpo_lstm.py --resume runs/trpo_lstm-rosenbrock-s1-...
 
 It writes a run directory (config, log of every rule, checkpoints, top rules) and
@@ -33,6 +41,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -48,7 +57,8 @@ from nos_gym.agents import (
     run_cli,
 )
 from nos_gym.agents.advantage import Advantages
-from nos_gym.agents.config import ControllerArgs, check_range
+from nos_gym.agents.config import CONTROLLER_PRESETS, ControllerArgs, check_range
+from nos_gym.agents.guidance import guidance_stats, make_guidance, with_fixed_rows
 
 
 # ------------------------------------------------------------------------------ arguments
@@ -73,6 +83,17 @@ class Args(ControllerArgs):
     """accept a step whose surrogate gain is at least this fraction of the linear prediction"""
     normalize_advantages: bool = False
     """divide advantages by their batch std (off: the paper's plain R - baseline)"""
+
+    #: ``--preset NAME``: paper (the paper's TRPO-LSTM: EMA baseline, max_kl 0.01, no queue, no guided
+    #: evolution), pqt (+ priority-queue training, risk-seeking), hybrid (pqt + neural-guided evolution).
+    #: A preset sets the controller's settings only; the task, the budget and num_envs stay as given.
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "paper": {**CONTROLLER_PRESETS["paper"], "max_kl": 0.01, "cg_iters": 10, "cg_damping": 0.1,
+                  "line_search_steps": 10, "line_search_shrink": 0.5, "accept_ratio": 0.1,
+                  "normalize_advantages": False},
+        "pqt": {**CONTROLLER_PRESETS["pqt"], "max_kl": 0.05},
+        "hybrid": {**CONTROLLER_PRESETS["hybrid"], "max_kl": 0.05},
+    }
 
     def validate(self) -> None:
         super().validate()
@@ -116,24 +137,43 @@ def conjugate_gradient(Avp: Callable[[Tensor], Tensor], b: Tensor, iters: int, t
     return x
 
 
-def trpo_step(policy: LSTMController, tokens: Tensor, masks: Tensor, advantages: Tensor, args: Args) -> dict:
+def trpo_step(policy: LSTMController, tokens: Tensor, masks: Tensor, advantages: Tensor, args: Args,
+              queue: tuple[Tensor, Tensor] | None = None) -> dict:
     """One TRPO update of ``policy`` on a batch of rules; returns what happened.
+
+    ``queue``: the priority queue's ``(tokens, masks)`` (``PriorityQueue.tensors``): the objective
+    gains ``pqt_weight * mean log p(queued rule)``, and the trust region covers the queued
+    strings' distributions too (the KL is the mean over the batch's and the queue's strings).
+    With ``pqt_policy_gradient`` false the batch's advantages are left out (the batch still sets
+    the entropy bonus). Without a queue the step is the paper's.
 
     Keys: ``accepted`` (bool), ``kl`` (of the accepted step, else 0), ``surrogate_before``,
     ``surrogate_after``, ``expected`` (the linear prediction of the full step's gain),
     ``step_fraction`` (of the full step taken) and ``entropy`` (mean per rule, before).
     """
     params = [p for p in policy.parameters()]
+    n = len(tokens)
+    batch_tokens, batch_masks = tokens, masks
+    if queue is not None and len(queue[0]) > 0:
+        q_tokens, q_masks = queue
+        if not args.pqt_policy_gradient:
+            advantages = torch.zeros_like(advantages)
+        tokens, masks = torch.cat([tokens, q_tokens]), torch.cat([masks, q_masks])  # the trust region's strings
+    else:
+        queue = None
     with torch.no_grad():
         old_logits = policy(tokens, masks)
-        logp_old = masked_categorical_stats(old_logits, masks, tokens)[0].sum(-1)
+        logp_old = masked_categorical_stats(old_logits[:n], batch_masks, batch_tokens)[0].sum(-1)
 
     def objective(logits: Tensor) -> Tensor:
-        return surrogate(logits, tokens, masks, logp_old, advantages, args.entropy_coef)
+        value = surrogate(logits[:n], batch_tokens, batch_masks, logp_old, advantages, args.entropy_coef)
+        if queue is not None:
+            value = value + args.pqt_weight * masked_categorical_stats(logits[n:], q_masks, q_tokens)[0].sum(-1).mean()
+        return value
 
     logits = policy(tokens, masks)
     loss_before = objective(logits)
-    entropy = masked_categorical_stats(logits, masks, tokens)[1].sum(-1).mean().item()
+    entropy = masked_categorical_stats(logits[:n], batch_masks, batch_tokens)[1].sum(-1).mean().item()
     g = parameters_to_vector(torch.autograd.grad(loss_before, params, retain_graph=True))
     stats = {"accepted": False, "kl": 0.0, "surrogate_before": loss_before.item(),
              "surrogate_after": loss_before.item(), "expected": 0.0, "step_fraction": 0.0, "entropy": entropy}
@@ -182,31 +222,42 @@ def main(argv: Sequence[str] | None = None) -> Run:
         policy = LSTMController(envs.single_action_space.n, envs.length, args.hidden_size, args.init_scale)
         generator = torch.Generator().manual_seed(args.seed)
         baseline = Advantages(args.baseline, args.baseline_decay, args.risk_epsilon)
-        run.restore(policy=policy, generator=generator, baseline=baseline)  # --resume: where it left off
+        # beyond the paper (both None in its setting): the priority queue, the guided population
+        queue, guide = make_guidance(args)
+        run.restore(policy=policy, generator=generator, baseline=baseline,  # --resume: where it left off
+                    **{name: obj for name, obj in (("queue", queue), ("guide", guide)) if obj is not None})
 
         for b in run.batches():
-            # 1. sample one rule per sub-env, token by token, with the env's masks; the env
-            #    scores the batch together
-            batch = rollout(envs, policy.actor(args.num_envs, generator))
+            # 1. sample one rule per sub-env, token by token, with the env's masks (with guided
+            #    evolution, the last rows are the population's children); the env scores the batch together
+            children = guide.children(envs.mask_table.masker) if guide is not None else ()
+            batch = rollout(envs, with_fixed_rows(policy.actor(args.num_envs - len(children), generator), children))
             run.record(b, batch.infos, batch.rewards)
+            keys = [info["canonical_key"] for info in batch.infos]
+            if guide is not None:
+                guide.add(batch.tokens, batch.rewards)
+            if queue is not None:
+                queue.push(keys, batch.rewards, batch.tokens, batch.masks)
 
             # 2. advantages: against the EMA of rewards (the paper), or only the top epsilon of
             #    the batch against its quantile (risk-seeking)
-            keys = [info["canonical_key"] for info in batch.infos] if args.distinct_in_batch else None
-            adv = baseline.compute(batch.rewards, keys)
+            adv = baseline.compute(batch.rewards, keys if args.distinct_in_batch else None)
             keep = adv.keep
             advantages = adv.advantages[keep]
             if args.normalize_advantages:
                 advantages = advantages / (advantages.std() + 1e-8)
 
-            # 3. the TRPO update, on the rules that count
+            # 3. the TRPO update, on the rules that count (and the queue's, with PQT)
             stats = trpo_step(policy, torch.from_numpy(batch.tokens)[keep], torch.from_numpy(batch.masks)[keep],
-                              advantages, args)
+                              advantages, args, queue.tensors() if queue else None)
             run.log_update(b, {**stats, "baseline": adv.baseline, "kept": int(keep.sum()),
-                               "reward_mean": float(batch.rewards.mean())})
+                               "reward_mean": float(batch.rewards.mean()), **guidance_stats(queue, guide, children)})
             run.save({"policy": policy.state_dict(), "generator": generator.get_state(),
-                      "baseline": baseline.state_dict()})
+                      "baseline": baseline.state_dict(),
+                      **{name: obj.state_dict() for name, obj in (("queue", queue), ("guide", guide))
+                         if obj is not None}})
     return run
+
 
 
 if __name__ == "__main__":
