@@ -18,7 +18,11 @@ average, and best so far) to ``--out``.
     python benchmarks/agents_compare.py --set trpo_lstm.max_kl=0.05
 
 Besides the five agents, ``trpo_lstm_risk`` and ``reinforce_lstm_risk`` are the LSTM agents
-with the risk-seeking baseline (``--baseline risk_seeking``, epsilon 0.05).
+with the risk-seeking baseline (``--baseline risk_seeking``, epsilon 0.05), and
+``trpo_lstm_paper``, ``trpo_lstm_pqt``, ``trpo_lstm_hybrid`` (and ``reinforce_lstm_pqt``) the
+controller's presets (``--preset paper|pqt|hybrid``: the paper's setting, priority-queue
+training, PQT with neural-guided evolution; ``nos_gym/agents/guidance.py``). The default
+``--agents`` are the seven above; name the presets to run them.
 
 Every agent gets the same task, space, depth, constraints, batch size and budget. Each
 run has its own result store (so its seconds include all of its scoring); with
@@ -53,12 +57,18 @@ REFERENCES = {"Momentum (m)": "m", "SGD (g)": "g", "Adam": "ADAM", "PowerSign": 
 VARIANTS: dict[str, tuple[str, list[str]]] = {name: (name, []) for name in AGENTS} | {
     "trpo_lstm_risk": ("trpo_lstm", ["--baseline", "risk_seeking"]),
     "reinforce_lstm_risk": ("reinforce_lstm", ["--baseline", "risk_seeking"]),
+    "trpo_lstm_paper": ("trpo_lstm", ["--preset", "paper"]),
+    "trpo_lstm_pqt": ("trpo_lstm", ["--preset", "pqt"]),
+    "trpo_lstm_hybrid": ("trpo_lstm", ["--preset", "hybrid"]),
+    "reinforce_lstm_pqt": ("reinforce_lstm", ["--preset", "pqt"]),
 }
+#: what ``--agents`` runs when not given: the agents and the risk-seeking variants
+DEFAULT_AGENTS = [*AGENTS, "trpo_lstm_risk", "reinforce_lstm_risk"]
 
 
 def parse_cli(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--agents", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--agents", nargs="+", default=DEFAULT_AGENTS, choices=list(VARIANTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--task", default="rosenbrock")
     p.add_argument("--task-options", type=yaml.safe_load, default={}, help="YAML/JSON mapping")

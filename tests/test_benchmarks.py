@@ -304,3 +304,93 @@ def test_seed_compare_pairs_rules_by_child_seed(tmp_path, capsys):
     (tmp_path / "fast-s9.json").write_text(json.dumps([{"rule": "ADAM", "reward": 0.5}]))
     with pytest.raises(SystemExit, match="missing"):
         seed_compare.main([str(tmp_path)])
+
+
+# --------------------------------------------------------------- bench_agents (issue 22)
+def test_bench_agents_statistics_are_the_textbook_ones():
+    import bench_agents
+
+    # Mann-Whitney: no overlap at n = 5 + 5 gives U = 0 (x below y), z = -2.611, p = 0.0090
+    u, p = bench_agents.mann_whitney([1, 2, 3, 4, 5], [6, 7, 8, 9, 10])
+    assert u == 0 and p == pytest.approx(0.00903, abs=1e-4)
+    assert bench_agents.mann_whitney([1.0] * 4, [1.0] * 4) == (8.0, 1.0)  # all tied: nothing to tell
+    lo, hi = bench_agents.bootstrap_median_diff([2.0] * 10, [1.0] * 10)
+    assert lo == hi == 1.0
+    assert bench_agents.parse_seeds(["0-2", "7", "100-101"]) == [0, 1, 2, 7, 100, 101]
+    record = {"rewards": [0.1, 0.5, 0.5, 1.0, 0.2], "key_ids": [0, 1, 1, 2, 3], "seconds": 10.0}
+    s = bench_agents.summarize(record, 3, optimum=1.0, k=2)  # the first 3 samples: two distinct rules
+    assert (s["best"], s["regret"], s["top_mean"], s["to_optimum"], s["distinct"]) == (0.5, 0.5, 0.3, None, 2)
+    assert bench_agents.summarize(record, 5, optimum=1.0, k=2)["to_optimum"] == 4
+    configs = bench_agents.draw_configs("evolution", 6, seed=0)
+    assert configs[0] == {} and len({json.dumps(c, sort_keys=True) for c in configs}) == 6
+    assert all(c["tournament_size"] <= c["population_size"] for c in configs[1:])
+    assert bench_agents.draw_configs("evolution", 6, seed=0) == configs  # the draw is reproducible
+
+
+def test_bench_agents_smoke_runs_every_agent_and_resumes(tmp_path, capsys):
+    import bench_agents
+
+    out = tmp_path / "bench"
+    results = bench_agents.main(["--smoke", "--out", str(out)])
+    env = "OptimizerSearch-RosenbrockSmall-v0"
+    numbers = results[env]["numbers"]
+    assert set(numbers) == {"40", "60"} and set(numbers["60"]) == set(bench_agents.DEFAULT_AGENTS)
+    for runs in numbers["60"].values():
+        assert len(runs) == 2 and all(0 <= r["top_mean"] <= r["best"] <= 1 and r["distinct"] <= 60 for r in runs)
+    record = json.loads((out / env / "trpo_lstm_pqt" / "s1.json").read_text())
+    assert record["flags"] == ["--preset", "pqt"] and len(record["rewards"]) == 60 and record["budget"] == 60
+    table = (out / "table.md").read_text()
+    assert "| trpo_lstm_hybrid " in table and "| sb3_trpo " in table and "Mann-Whitney p" in table
+    assert_png(out / f"{env}.png")
+    # resumable per (agent, seed): a finished run is not run again, a missing one is
+    stamp = (out / env / "evolution" / "s0.json").stat().st_mtime_ns
+    (out / env / "random_search" / "s1.json").unlink()
+    capsys.readouterr()
+    bench_agents.main(["--smoke", "--out", str(out), "--agents", "evolution", "random_search", "--no-plot"])
+    assert (out / env / "evolution" / "s0.json").stat().st_mtime_ns == stamp
+    assert "0 runs finished before" not in capsys.readouterr().err
+    assert (out / env / "random_search" / "s1.json").exists()
+
+
+def test_bench_agents_tuning_protocol_reports_only_fresh_seeds(tmp_path):
+    import bench_agents
+
+    out = tmp_path / "tune"
+    results = bench_agents.main(["--smoke", "--tune", "--agents", "evolution", "--seeds", "100-101",
+                                 "--out", str(out), "--no-plot"])
+    env = results["OptimizerSearch-RosenbrockSmall-v0"]
+    for agent in ("trpo_lstm", "evolution"):
+        tried = env["tuning"][agent]["tried"]
+        assert len(tried) == 2 and tried[0]["config"] == {}  # the same number of configurations for both
+        assert all(set(t["per_seed"]) == {"0", "1"} for t in tried)  # tuned on seeds 0-1 (smoke)
+    assert set(env["numbers"]["60"]) == {"evolution", "tuned_trpo_lstm", "tuned_evolution"}
+    runs = sorted(p.name for p in (out / "OptimizerSearch-RosenbrockSmall-v0" / "tuned_evolution").iterdir())
+    assert runs == ["s100.json", "s101.json"]  # reported on the fresh seeds only
+    text = (out / "tune.md").read_text()
+    assert "### tuning on" in text and "vs tuned_evolution" in text
+    assert json.loads((out / "tune.json").read_text())["protocol"]["tune_seeds"] == [0, 1]
+
+
+def test_bench_agents_on_a_nosbench_table_reports_regret_to_its_optimum(tmp_path):
+    """OptimizerSearch-Bench-v0 on a stand-in table (the small space at depth 1 tabulated on a short
+    Rosenbrock): the optimum is the table's best reward, and the regret is measured against it."""
+    import bench_agents
+
+    from nos_gym import bench
+    from nos_gym.evaluation.tabulate import tabulate
+
+    table = tmp_path / "small1-standin.csv.gz"
+    tabulate("rosenbrock", {"iterations": 50}, space="small", depth=1, out=table, store=tmp_path / "s.sqlite",
+             name="small1-standin", backend="serial", progress=False, log=None)
+    optimum = bench.load(table).optimum()
+    results = bench_agents.main(["--envs", "OptimizerSearch-Bench-v0", "--table", str(table), "--agents",
+                                 "evolution", "trpo_lstm_pqt", "random_search", "--seeds", "0-1", "--budgets", "40",
+                                 "--num-envs", "20", "--out", str(tmp_path / "out"), "--no-plot",
+                                 "--set", "evolution.population_size=10", "--set", "evolution.tournament_size=3"])
+    env = results["OptimizerSearch-Bench-v0"]
+    assert env["optimum"] == pytest.approx(optimum)
+    for runs in env["numbers"]["40"].values():
+        for r in runs:
+            assert r["regret"] == pytest.approx(optimum - r["best"], abs=1e-6) and r["regret"] >= 0
+    text = (tmp_path / "out" / "table.md").read_text()
+    assert "regret vs evolution" in text and "the best reward of table small1-standin" in text
