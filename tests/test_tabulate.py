@@ -1,6 +1,7 @@
 """``nos-gym tabulate`` (nos_gym.evaluation.tabulate): the space, the refusal, resuming after SIGKILL,
 the hurdle against the live ConvNet task, and (once it ships) the real table against live scores."""
 
+import os
 import signal
 import sqlite3
 import subprocess
@@ -34,8 +35,11 @@ KILL_TASK = {"iterations": 4000, "executor": "batched"}
 
 
 def _cli(*args: str, **kwargs) -> subprocess.Popen:
+    # the kernel set goes along: the in-process tabulation it is compared with runs under the same one
+    kernels = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY",) if k in os.environ}
     return subprocess.Popen([sys.executable, "-m", "nos_gym.cli", "tabulate", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={"OMP_NUM_THREADS": "1", "PATH": ""}, **kwargs)
+                            stderr=subprocess.PIPE, text=True, env={"OMP_NUM_THREADS": "1", "PATH": "", **kernels},
+                            **kwargs)
 
 
 def _rows(store: Path) -> int:
