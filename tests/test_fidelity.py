@@ -118,7 +118,9 @@ def halving_vs_fixed():
 def test_halving_trains_fewer_images_and_picks_the_fixed_sweeps_rate(halving_vs_fixed):
     results, fixed_sweeps, p = halving_vs_fixed
     adam, sgd = results
-    assert adam.metrics["lr"] == 1e-3 and sgd.metrics["lr"] == 0.1  # the easy case: Adam 1e-3, SGD 0.1
+    # Adam's 1e-3 is clear; SGD's 0.01 and 0.1 lie 1-4 images apart on 500 validation images, and the
+    # kernel set decides (convnet v2: 0.270 vs 0.278 with AVX-512, 0.266 vs 0.264 with AVX2)
+    assert adam.metrics["lr"] == 1e-3 and sgd.metrics["lr"] in (0.01, 0.1)
     for r, f in zip(results, fixed_sweeps):
         assert r.metrics["lr"] == f.lr
         assert r.metrics["sweep_accuracy"] == pytest.approx(f.accuracy, abs=0.011)  # the same child, continued
