@@ -86,7 +86,9 @@ class CheapGym:
         return getattr(gymnasium, name)
 
     def make(self, env_id, **kwargs):
-        return Recorder(gymnasium.make(env_id, **{**CHEAP, **kwargs}))
+        env = gymnasium.make(env_id, **{**CHEAP, **kwargs})
+        env.action_space.seed(0)  # the algorithms' random exploration draws from it: the same every run
+        return Recorder(env)
 
     def make_vec(self, env_id, **kwargs):
         return gymnasium.make_vec(env_id, **{**CHEAP, **kwargs})
