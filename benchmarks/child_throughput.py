@@ -177,11 +177,11 @@ class Worker:
                "NOS_GYM_DATA": _data_root()}
         self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=str(code))
-        self.hello = self._read()
+        self.hello = self.read()
         if Path(self.hello["nos_gym"]).resolve().parent != code.resolve():
             raise RuntimeError(f"the worker imported nos_gym from {self.hello['nos_gym']}, not from {code}")
 
-    def _read(self) -> dict:
+    def read(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"a worker died (exit code {self.proc.wait()}); see its stderr above")
@@ -193,7 +193,7 @@ class Worker:
 
     def ask(self, cmd: str) -> dict:
         self.send(cmd)
-        return self._read()
+        return self.read()
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -238,7 +238,7 @@ def compare(variants: dict[str, tuple[Path, str]], protocols: list[str], rounds:
                     t0 = time.perf_counter()
                     for w in ws:
                         w.send("run")
-                    answers = [w._read() for w in ws]
+                    answers = [w.read() for w in ws]
                     wall = time.perf_counter() - t0
                     images = sum(a["images"] for a in answers)
                     rates[name].append(images / wall / per_variant)

@@ -35,9 +35,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from nos_gym.agents.rollout import Actor
+from nos_gym.agents.rollout import Actor, Batch, rollout
 
-__all__ = ["GuidedEvolution", "PriorityQueue", "guidance_stats", "make_guidance", "with_fixed_rows"]
+__all__ = ["GuidedEvolution", "PriorityQueue", "guidance_state", "guidance_stats", "guided_rollout", "make_guidance",
+           "with_fixed_rows"]
 
 
 class PriorityQueue:
@@ -175,11 +176,32 @@ def make_guidance(args: Any) -> tuple[PriorityQueue | None, GuidedEvolution | No
     return queue, guide
 
 
-def guidance_stats(queue: PriorityQueue | None, guide: GuidedEvolution | None, children: Sequence) -> dict[str, Any]:
-    """What the queue and the population hold after a batch, for ``updates.jsonl`` (empty when both are off)."""
+def guidance_state(queue: PriorityQueue | None, guide: GuidedEvolution | None) -> dict[str, Any]:
+    """The guidance objects that are on, by name, for ``Run.restore`` (empty when both are off)."""
+    return {name: obj for name, obj in (("queue", queue), ("guide", guide)) if obj is not None}
+
+
+def guided_rollout(envs: Any, policy: Any, generator: torch.Generator, num_envs: int, queue: PriorityQueue | None,
+                   guide: GuidedEvolution | None) -> tuple[Batch, list[str], int]:
+    """One batch of ``num_envs`` rules: the controller ``policy`` writes the first rows, guided evolution's
+    children (when on) the last; the env scores them together, and the scored rules then join the
+    population and the queue. Returns the batch, its canonical keys and how many rows were children."""
+    children = guide.children(envs.mask_table.masker) if guide is not None else ()
+    batch = rollout(envs, with_fixed_rows(policy.actor(num_envs - len(children), generator), children))
+    keys = [info["canonical_key"] for info in batch.infos]
+    if guide is not None:
+        guide.add(batch.tokens, batch.rewards)
+    if queue is not None:
+        queue.push(keys, batch.rewards, batch.tokens, batch.masks)
+    return batch, keys, len(children)
+
+
+def guidance_stats(queue: PriorityQueue | None, guide: GuidedEvolution | None, children: int) -> dict[str, Any]:
+    """What the queue and the population hold after a batch of which ``children`` rows were the
+    population's, for ``updates.jsonl`` (empty when both are off)."""
     out: dict[str, Any] = {}
     if queue:
         out.update(queue_best=max(queue.rewards()), queue_worst=min(queue.rewards()), queue_size=len(queue))
     if guide is not None:
-        out.update(children=len(children), population_best=guide.best())
+        out.update(children=children, population_best=guide.best())
     return out

@@ -22,10 +22,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from nos_gym.agents import LSTMController, Run, parse_args, rollout, run_cli
+from nos_gym.agents import LSTMController, Run, parse_args, run_cli
 from nos_gym.agents.advantage import Advantages
 from nos_gym.agents.config import CONTROLLER_PRESETS, ControllerArgs, check_range
-from nos_gym.agents.guidance import guidance_stats, make_guidance, with_fixed_rows
+from nos_gym.agents.guidance import guidance_state, guidance_stats, guided_rollout, make_guidance
 
 
 # ------------------------------------------------------------------------------ arguments
@@ -63,19 +63,13 @@ def main(argv: Sequence[str] | None = None) -> Run:
         baseline = Advantages(args.baseline, args.baseline_decay, args.risk_epsilon)
         queue, guide = make_guidance(args)  # beyond the paper: priority queue, guided population (None: off)
         run.restore(policy=policy, optimizer=optimizer, generator=generator, baseline=baseline,
-                    **{name: obj for name, obj in (("queue", queue), ("guide", guide)) if obj is not None})
+                    **guidance_state(queue, guide))
 
         for b in run.batches():
             # 1. sample a batch of rules through the env (scored together); with guided evolution
             #    the last rows are the population's children
-            children = guide.children(envs.mask_table.masker) if guide is not None else ()
-            batch = rollout(envs, with_fixed_rows(policy.actor(args.num_envs - len(children), generator), children))
+            batch, keys, children = guided_rollout(envs, policy, generator, args.num_envs, queue, guide)
             run.record(b, batch.infos, batch.rewards)
-            keys = [info["canonical_key"] for info in batch.infos]
-            if guide is not None:
-                guide.add(batch.tokens, batch.rewards)
-            if queue is not None:
-                queue.push(keys, batch.rewards, batch.tokens, batch.masks)
 
             # 2. advantages: EMA baseline (every rule), or risk-seeking (the batch's top epsilon)
             adv = baseline.compute(batch.rewards, keys if args.distinct_in_batch else None)

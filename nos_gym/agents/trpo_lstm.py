@@ -53,12 +53,11 @@ from nos_gym.agents import (
     masked_categorical_stats,
     masked_kl,
     parse_args,
-    rollout,
     run_cli,
 )
 from nos_gym.agents.advantage import Advantages
 from nos_gym.agents.config import CONTROLLER_PRESETS, ControllerArgs, check_range
-from nos_gym.agents.guidance import guidance_stats, make_guidance, with_fixed_rows
+from nos_gym.agents.guidance import guidance_state, guidance_stats, guided_rollout, make_guidance
 
 
 # ------------------------------------------------------------------------------ arguments
@@ -225,19 +224,13 @@ def main(argv: Sequence[str] | None = None) -> Run:
         # beyond the paper (both None in its setting): the priority queue, the guided population
         queue, guide = make_guidance(args)
         run.restore(policy=policy, generator=generator, baseline=baseline,  # --resume: where it left off
-                    **{name: obj for name, obj in (("queue", queue), ("guide", guide)) if obj is not None})
+                    **guidance_state(queue, guide))
 
         for b in run.batches():
             # 1. sample one rule per sub-env, token by token, with the env's masks (with guided
             #    evolution, the last rows are the population's children); the env scores the batch together
-            children = guide.children(envs.mask_table.masker) if guide is not None else ()
-            batch = rollout(envs, with_fixed_rows(policy.actor(args.num_envs - len(children), generator), children))
+            batch, keys, children = guided_rollout(envs, policy, generator, args.num_envs, queue, guide)
             run.record(b, batch.infos, batch.rewards)
-            keys = [info["canonical_key"] for info in batch.infos]
-            if guide is not None:
-                guide.add(batch.tokens, batch.rewards)
-            if queue is not None:
-                queue.push(keys, batch.rewards, batch.tokens, batch.masks)
 
             # 2. advantages: against the EMA of rewards (the paper), or only the top epsilon of
             #    the batch against its quantile (risk-seeking)

@@ -67,40 +67,38 @@ template <typename T, bool TRAIN>
 void affine_pool_relu(const T* __restrict z, const Shape& s, const float* __restrict a, const float* __restrict b,
                       T* __restrict out, uint8_t* __restrict argmax, T* __restrict zsel) {
   const int64_t C = s.C;
-  {
-    for (int64_t q = 0; q < s.pooled(); ++q) {
-      const T* __restrict z0 = z + s.window(q);
-      const T* __restrict z1 = z0 + C;
-      const T* __restrict z2 = z0 + s.W * C;
-      const T* __restrict z3 = z2 + C;
-      const int64_t at = q * C;
-      T* __restrict o = out + at;
-      for (int64_t c = 0; c < C; ++c) {
-        const float x0 = load(z0, c), x1 = load(z1, c), x2 = load(z2, c), x3 = load(z3, c);
-        float v0 = x0 * a[c], v1 = x1 * a[c], v2 = x2 * a[c], v3 = x3 * a[c];
-        v0 = v0 + b[c];
-        v1 = v1 + b[c];
-        v2 = v2 + b[c];
-        v3 = v3 + b[c];
-        float m = v0, x = x0;
-        int32_t k = 0;
-        const bool t1 = (v1 > m) | (v1 != v1);
-        m = t1 ? v1 : m;
-        x = t1 ? x1 : x;
-        k = t1 ? 1 : k;
-        const bool t2 = (v2 > m) | (v2 != v2);
-        m = t2 ? v2 : m;
-        x = t2 ? x2 : x;
-        k = t2 ? 2 : k;
-        const bool t3 = (v3 > m) | (v3 != v3);
-        m = t3 ? v3 : m;
-        x = t3 ? x3 : x;
-        k = t3 ? 3 : k;
-        store(o, c, m < 0.0f ? 0.0f : m);
-        if constexpr (TRAIN) {
-          argmax[at + c] = uint8_t(k);
-          store(zsel, at + c, x);  // exact: x is a value of type T
-        }
+  for (int64_t q = 0; q < s.pooled(); ++q) {
+    const T* __restrict z0 = z + s.window(q);
+    const T* __restrict z1 = z0 + C;
+    const T* __restrict z2 = z0 + s.W * C;
+    const T* __restrict z3 = z2 + C;
+    const int64_t at = q * C;
+    T* __restrict o = out + at;
+    for (int64_t c = 0; c < C; ++c) {
+      const float x0 = load(z0, c), x1 = load(z1, c), x2 = load(z2, c), x3 = load(z3, c);
+      float v0 = x0 * a[c], v1 = x1 * a[c], v2 = x2 * a[c], v3 = x3 * a[c];
+      v0 = v0 + b[c];
+      v1 = v1 + b[c];
+      v2 = v2 + b[c];
+      v3 = v3 + b[c];
+      float m = v0, x = x0;
+      int32_t k = 0;
+      const bool t1 = (v1 > m) | (v1 != v1);
+      m = t1 ? v1 : m;
+      x = t1 ? x1 : x;
+      k = t1 ? 1 : k;
+      const bool t2 = (v2 > m) | (v2 != v2);
+      m = t2 ? v2 : m;
+      x = t2 ? x2 : x;
+      k = t2 ? 2 : k;
+      const bool t3 = (v3 > m) | (v3 != v3);
+      m = t3 ? v3 : m;
+      x = t3 ? x3 : x;
+      k = t3 ? 3 : k;
+      store(o, c, m < 0.0f ? 0.0f : m);
+      if constexpr (TRAIN) {
+        argmax[at + c] = uint8_t(k);
+        store(zsel, at + c, x);  // exact: x is a value of type T
       }
     }
   }
@@ -180,22 +178,19 @@ void backward(const T* __restrict z, const T* __restrict out, const uint8_t* __r
               float* __restrict grad_gamma, float* __restrict grad_beta) {
   const int64_t C = s.C, M = s.pixels();
   std::vector<double> sum_(C, 0.0), dot_(C, 0.0);
-  {
-    double* __restrict sum = sum_.data();
-    double* __restrict dot = dot_.data();
-    const float* __restrict mean = save_mean;
-    for (int64_t q = 0; q < s.pooled(); ++q) {
-      const int64_t at = q * C;
-      const T* __restrict o = out + at;
-      const T* __restrict go = grad_out + at;
-      const T* __restrict zs = zsel + at;
-      for (int64_t c = 0; c < C; ++c) {
-        const float oc = load(o, c), gc = load(go, c);
-        const float dp = keep_if(oc > 0.0f, gc);
-        const float xmu = load(zs, c) - mean[c];
-        sum[c] = sum[c] + double(dp);
-        dot[c] = dot[c] + double(xmu) * double(dp);
-      }
+  double* __restrict sum = sum_.data();
+  double* __restrict dot = dot_.data();
+  for (int64_t q = 0; q < s.pooled(); ++q) {
+    const int64_t at = q * C;
+    const T* __restrict o = out + at;
+    const T* __restrict go = grad_out + at;
+    const T* __restrict zs = zsel + at;
+    for (int64_t c = 0; c < C; ++c) {
+      const float oc = load(o, c), gc = load(go, c);
+      const float dp = keep_if(oc > 0.0f, gc);
+      const float xmu = load(zs, c) - save_mean[c];
+      sum[c] = sum[c] + double(dp);
+      dot[c] = dot[c] + double(xmu) * double(dp);
     }
   }
   std::vector<float> mean_dy_(C), k_(C), scale_(C);
@@ -207,46 +202,43 @@ void backward(const T* __restrict z, const T* __restrict out, const uint8_t* __r
     grad_gamma[c] = float(dot_[c] * double(inv));
     grad_beta[c] = float(sum_[c]);
   }
-  {
-    const float* __restrict mean = save_mean;
-    const float* __restrict mean_dy = mean_dy_.data();
-    const float* __restrict kk = k_.data();
-    const float* __restrict scale = scale_.data();
-    for (int64_t q = 0; q < s.pooled(); ++q) {
-      const int64_t base = s.window(q), at = q * C;
-      const uint8_t* __restrict am = argmax + at;
-      const T* __restrict o = out + at;
-      const T* __restrict go = grad_out + at;
-      const T* __restrict z0 = z + base;
-      const T* __restrict z1 = z0 + C;
-      const T* __restrict z2 = z0 + s.W * C;
-      const T* __restrict z3 = z2 + C;
-      T* __restrict d0 = grad_z + base;
-      T* __restrict d1 = d0 + C;
-      T* __restrict d2 = d0 + s.W * C;
-      T* __restrict d3 = d2 + C;
-      for (int64_t c = 0; c < C; ++c) {
-        const float oc = load(o, c), gc = load(go, c);
-        const float dp = keep_if(oc > 0.0f, gc);
-        const int32_t k = am[c];
-        const float dy0 = keep_if(k == 0, dp), dy1 = keep_if(k == 1, dp), dy2 = keep_if(k == 2, dp),
-                    dy3 = keep_if(k == 3, dp);
-        float t0 = load(z0, c) - mean[c], t1 = load(z1, c) - mean[c], t2 = load(z2, c) - mean[c],
-              t3 = load(z3, c) - mean[c];
-        t0 = t0 * kk[c];
-        t1 = t1 * kk[c];
-        t2 = t2 * kk[c];
-        t3 = t3 * kk[c];
-        float e0 = dy0 - mean_dy[c], e1 = dy1 - mean_dy[c], e2 = dy2 - mean_dy[c], e3 = dy3 - mean_dy[c];
-        e0 = e0 - t0;
-        e1 = e1 - t1;
-        e2 = e2 - t2;
-        e3 = e3 - t3;
-        store(d0, c, e0 * scale[c]);
-        store(d1, c, e1 * scale[c]);
-        store(d2, c, e2 * scale[c]);
-        store(d3, c, e3 * scale[c]);
-      }
+  const float* __restrict mean_dy = mean_dy_.data();
+  const float* __restrict kk = k_.data();
+  const float* __restrict scale = scale_.data();
+  for (int64_t q = 0; q < s.pooled(); ++q) {
+    const int64_t base = s.window(q), at = q * C;
+    const uint8_t* __restrict am = argmax + at;
+    const T* __restrict o = out + at;
+    const T* __restrict go = grad_out + at;
+    const T* __restrict z0 = z + base;
+    const T* __restrict z1 = z0 + C;
+    const T* __restrict z2 = z0 + s.W * C;
+    const T* __restrict z3 = z2 + C;
+    T* __restrict d0 = grad_z + base;
+    T* __restrict d1 = d0 + C;
+    T* __restrict d2 = d0 + s.W * C;
+    T* __restrict d3 = d2 + C;
+    for (int64_t c = 0; c < C; ++c) {
+      const float oc = load(o, c), gc = load(go, c);
+      const float dp = keep_if(oc > 0.0f, gc);
+      const int32_t k = am[c];
+      const float dy0 = keep_if(k == 0, dp), dy1 = keep_if(k == 1, dp), dy2 = keep_if(k == 2, dp),
+                  dy3 = keep_if(k == 3, dp);
+      float t0 = load(z0, c) - save_mean[c], t1 = load(z1, c) - save_mean[c], t2 = load(z2, c) - save_mean[c],
+            t3 = load(z3, c) - save_mean[c];
+      t0 = t0 * kk[c];
+      t1 = t1 * kk[c];
+      t2 = t2 * kk[c];
+      t3 = t3 * kk[c];
+      float e0 = dy0 - mean_dy[c], e1 = dy1 - mean_dy[c], e2 = dy2 - mean_dy[c], e3 = dy3 - mean_dy[c];
+      e0 = e0 - t0;
+      e1 = e1 - t1;
+      e2 = e2 - t2;
+      e3 = e3 - t3;
+      store(d0, c, e0 * scale[c]);
+      store(d1, c, e1 * scale[c]);
+      store(d2, c, e2 * scale[c]);
+      store(d3, c, e3 * scale[c]);
     }
   }
 }

@@ -96,11 +96,6 @@ class GroupedConvNet(nn.Module):
                 buf.copy_(getattr(self, name).view(-1, self.filters)[index].reshape(-1))
         return small
 
-    def param(self, name: str) -> Tensor:
-        """Weight ``name`` of every child, shaped (B, *shape) (a differentiable copy of the flat rows)."""
-        sl, shape = self._slices[name]
-        return self.flat[:, sl].reshape(self.children_count, *shape)
-
     def params(self) -> dict[str, Tensor]:
         """Every weight of every child, shaped (B, *shape), from one split of the flat rows: its
         backward writes each gradient once, where a slice per weight zero-fills the whole rows."""
