@@ -1,7 +1,7 @@
-"""Third-party algorithms and vector envs on the registered ids: README's table, line by line;
+"""Third-party algorithms and vector envs on the registered ids: docs/env.md's table, line by line;
 and the env's ``rgb_array`` picture (what SB3's ``make_vec_env`` and ``RecordVideo`` ask for).
 
-Each line of the README table runs here as written, with two changes that keep it cheap:
+Each line of that table runs here as written, with two changes that keep it cheap:
 every env it makes gets ``task_options={"iterations": ITERATIONS}`` (Rosenbrock scored in
 about a millisecond; same spaces as the registered id) and ``.learn(10_000)`` becomes a
 budget of one rollout or so.
@@ -29,11 +29,11 @@ from nos_gym.dsl import parse
 from nos_gym.envs import OptimizerSearchVectorEnv
 from nos_gym.envs.render import draw_program, frame_size
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+TABLE_PAGE = Path(__file__).resolve().parents[1] / "docs" / "env.md"
 ITERATIONS = 100
 CHEAP = {"task_options": {"iterations": ITERATIONS}}
 
-# name -> the exact line in README's table
+# name -> the exact line in docs/env.md's table
 ALGORITHMS = {
     "PPO": 'PPO("MlpPolicy", gym.make("OptimizerSearch-v0")).learn(10_000)',
     "A2C": 'A2C("MlpPolicy", gym.make("OptimizerSearch-v0")).learn(10_000)',
@@ -80,7 +80,7 @@ class Recorder(gymnasium.Wrapper):
 
 
 class CheapGym:
-    """``gymnasium`` as the README lines see it, with ``CHEAP`` task options in every env."""
+    """``gymnasium`` as the table's lines see it, with ``CHEAP`` task options in every env."""
 
     def __getattr__(self, name):
         return getattr(gymnasium, name)
@@ -120,8 +120,8 @@ def run_line(line: str, budget: int | None = None):
     return eval(line, dict(NAMESPACE))
 
 
-def test_readme_table_holds_exactly_these_lines():
-    text = README.read_text()
+def test_docs_table_holds_exactly_these_lines():
+    text = TABLE_PAGE.read_text()
     for line in [*ALGORITHMS.values(), *VECTOR_ENVS.values()]:
         assert f"`{line}`" in text, line
 
@@ -171,7 +171,7 @@ def test_every_algorithm_builds_and_acts_on_every_registered_id(env_id):
 
 def test_recurrent_ppo_on_the_multidiscrete_observation_is_an_sb3_limitation():
     """SB3 sizes RecurrentPPO's LSTM with sum(nvec), a NumPy integer, and torch's nn.LSTM wants a
-    Python int: hence observation="onehot" in the README's line. If this fails, SB3 fixed it:
+    Python int: hence observation="onehot" in the table's line. If this fails, SB3 fixed it:
     drop the note and the argument."""
     with pytest.raises(TypeError, match="input_size"):
         RecurrentPPO("MlpLstmPolicy", gymnasium.make("OptimizerSearch-v0", **CHEAP))
