@@ -163,7 +163,7 @@ def _short(v: Any) -> str:
 
 # ------------------------------------------------------------------------------ tables
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: Sequence[str] | None = None) -> str:
-    """A GitHub-markdown table (pasteable into the README), columns padded for the terminal.
+    """A GitHub-markdown table (pasteable into docs/), columns padded for the terminal.
 
     ``align``: one of "l"/"r" per column (default: first column left, the others right).
     """

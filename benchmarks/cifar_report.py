@@ -6,7 +6,7 @@ protocols) and writes, into ``--out`` (default ``benchmarks/out/cifar_search``):
 
 - ``figure4.png``: the reward of each sampled rule against the number sampled, per agent
   (a moving average and the best so far), with the classics' rewards on the same protocol;
-- ``report.md``: the tables the README quotes (cost, rewards over the run, the promoted top
+- ``report.md``: the tables docs/results.md quotes (cost, rewards over the run, the promoted top
   10 of each agent in paper notation beside the classics, the paper's families found);
 - ``runs/AGENT-sSEED/``: each run's config, log (gzipped), top and promotion files, so the
   numbers can be checked without the run directories.

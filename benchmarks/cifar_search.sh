@@ -6,7 +6,7 @@
 # skips what is done.
 #
 #   nohup bash benchmarks/cifar_search.sh RUNS_ROOT RULES SEED > RUNS_ROOT.log 2>&1 &
-#   python benchmarks/cifar_report.py RUNS_ROOT            # the README's tables and Figure 4
+#   python benchmarks/cifar_report.py RUNS_ROOT            # the tables and Figure 4 of docs/results.md
 #
 # Every agent gets its own store, so each agent's child-images are its own (a shared store
 # would let a later agent reuse an earlier one's scores). The promotions share one store, so the

@@ -206,7 +206,7 @@ def test_the_shipped_table_has_one_row_per_canonical_rule():
 @pytest.mark.skipif(not SHIPPED, reason="the NOS-Bench table is not shipped yet")
 def test_twenty_random_rules_scored_live_reproduce_the_shipped_table():
     """Same kernel set as the table's: the same rewards exactly; another: within the 0.025 that
-    benchmarks/portability.py documents for the child (README, "How far a reward moves")."""
+    benchmarks/portability.py documents for the child (docs/guarantees.md, "How far a reward moves")."""
     import torch
 
     table = bench.load()

@@ -62,7 +62,7 @@ def test_score_map_is_monotone_with_documented_ends():
 
 
 def test_figure6_rules_in_the_dsl_scored_by_the_task():
-    """Real numbers, 4,000 iterations x 4 learning rates (the README quotes them).
+    """Real numbers, 4,000 iterations x 4 learning rates (docs/results.md, Figure 6, quotes them).
 
     The paper (Figure 6): PowerSign beats Adam, RMSProp and SGD and is close to Momentum.
     Here PowerSign beats RMSProp, SGD and Momentum by orders of magnitude, and ties with
