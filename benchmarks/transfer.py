@@ -342,6 +342,10 @@ class Task:
     def eval_size(self, split: str) -> int:
         raise NotImplementedError
 
+    def describe(self) -> str:
+        """The data, in one line, for the report."""
+        raise NotImplementedError
+
 
 class ImageTask(Task):
     """``resnet20`` and ``child``: CIFAR-10, the 45k/5k split of ``nos_gym.data``, test on the test set."""
@@ -390,6 +394,13 @@ class ImageTask(Task):
     def eval_size(self, split: str) -> int:
         _, val, test = self.data()
         return len(val if split == "val" else test)
+
+    def describe(self) -> str:
+        train, val, test = self.data()
+        aug = "RandomCrop(32, padding=4) + RandomHorizontalFlip" if self.size["augment"] else "no augmentation"
+        return (f"CIFAR-10 (nos_gym.data, copy {self.fingerprint()}): the first {len(train):,} images of the "
+                f"45,000-image training split ({aug}), {len(val):,} of the 5,000 held-out validation images, "
+                f"{len(test):,} test images")
 
 
 @lru_cache(maxsize=4)
@@ -445,6 +456,14 @@ class CharTask(Task):
     def eval_size(self, split: str) -> int:
         return self._eval_chunks(split)[1].numel()
 
+    def describe(self) -> str:
+        streams, fingerprint, counts = stdlib_corpus()
+        x = self._train_chunks()[0]
+        return (f"Python {sys.version.split()[0]} Lib/*.py (fingerprint {fingerprint}): {counts['train']} training "
+                f"files ({len(streams['train']):,} bytes; {x.numel():,} bytes per epoch in {len(x):,} chunks of "
+                f"{self.size['seq_len']}), {counts['val']} validation files ({self.eval_size('val'):,} bytes "
+                f"scored), {counts['test']} test files ({self.eval_size('test'):,} bytes scored)")
+
 
 def make_task(name: str, mode: str, device: torch.device) -> Task:
     return (CharTask if name == "charlstm" else ImageTask)(name, SIZES[mode][name], device)
@@ -495,7 +514,7 @@ def train_run(spec: RunSpec) -> dict[str, Any]:
     params = [p for p in model.parameters()]
     opt = make_optimizer(spec.optimizer, params, spec.lr, spec.seed)
     total = task.steps_per_epoch() * epochs
-    amp = device.type == "cuda"
+    amp = device.type == "cuda" and isinstance(task, ImageTask)  # bf16 autocast for the convnets on a GPU
     rec: dict[str, Any] = {"identity": identity(spec, task.fingerprint()), "epoch": [], "train_loss": [], "val": [],
                            "epoch_seconds": [], "test": None, "diverged": False, "init_sha": init_sha}
     order_h, step = hashlib.sha256(), 0
@@ -506,7 +525,7 @@ def train_run(spec: RunSpec) -> dict[str, Any]:
                 group["lr"] = spec.lr * lr_factor(size["schedule"], step, total)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 loss = task.loss(model, x, y)
-            value = float(loss)
+            value = loss.detach().item()
             if not math.isfinite(value):
                 rec["diverged"] = True
                 break
@@ -809,7 +828,8 @@ def report(plan: Plan) -> tuple[list[str], dict[str, Any]]:
         size = SIZES[plan.mode][task]
         lines += [f"## {info.title}", "",
                   f"settings ({plan.mode}): " + ", ".join(f"{k} {v}" for k, v in size.items()),
-                  f"data fingerprint {plan.prints[task]}; rate selection on seed {SELECT_SEED}, "
+                  f"data: {make_task(task, plan.mode, plan.device).describe()}",
+                  f"rate selection on seed {SELECT_SEED}, "
                   f"{size['select_epochs']} epoch(s), final validation metric; finals at seeds {plan.seeds}, "
                   f"{size['epochs']} epochs; paired over seeds {res['seeds']}", "",
                   markdown_table(headers, table, ["l", "l"] + ["r"] * (len(headers) - 2)), ""]
@@ -821,9 +841,10 @@ def report(plan: Plan) -> tuple[list[str], dict[str, Any]]:
                   + "; ".join(f"{task}: {PRIMARY} - adam {_fmt(task, results[task]['stats'][PRIMARY]['diff'], True)}"
                               f", p {results[task]['stats'][PRIMARY]['p']:.3f}, Holm over {len(primary)} tasks "
                               f"{p:.3f}" for task, p in primary.items()), ""]
-    lines += [f"p (t): two-sided paired t-test against Adam; p Holm: Holm over all {len(family)} comparisons with "
-              "Adam in these tables. Differences: positive = better than Adam (accuracy up, bits down is shown as a "
-              "negative bits difference). A diverged final run counts as chance accuracy (0.1) or 8 bits per char.",
+    lines += ["vs Adam: the optimizer's test metric minus Adam's, seed by seed, averaged (accuracy: positive is "
+              "better; bits per char: negative is better); se: its standard error; better at: the seeds where it beat "
+              f"Adam. p (t): two-sided paired t-test; p Holm: Holm over all {len(family)} comparisons with Adam in "
+              "these tables. A diverged final run counts as chance accuracy (10%) or 8 bits per char.",
               "s/epoch: median over the final seeds of the training seconds per epoch (evaluation excluded); "
               "runs shared the machine with each other (--jobs), so the ratios are rough."]
     summary = {"mode": plan.mode, "seeds": plan.seeds, "tasks": {
@@ -871,16 +892,20 @@ def curves_figure(plan: Plan, results: dict[str, Any]):
 
 
 # ------------------------------------------------------------------------------ --plan
+def _cycle(task: Task):
+    """Epoch 0's minibatches of seed 0, over and over."""
+    while True:
+        yield from next(iter(task.batches(0, 1)))
+
+
 def probe(task: Task, optimizers: Sequence[str], steps: int = 4) -> dict[str, float]:
     """Seconds per training step of each optimizer (after one warm-up step), and per evaluated example."""
     out = {}
     for opt_name in optimizers:
         model = task.build(0)
         opt = make_optimizer(opt_name, list(model.parameters()), 1e-4, 0)
-        it = iter(next(iter(task.batches(0, 1))))
         times = []
-        for i in range(steps + 1):
-            x, y = next(it)
+        for i, (x, y) in zip(range(steps + 1), _cycle(task)):
             t0 = time.perf_counter()
             loss = task.loss(model, x, y)
             opt.zero_grad(set_to_none=True)
