@@ -530,8 +530,8 @@ def train_run(spec: RunSpec) -> dict[str, Any]:
                 rec["diverged"] = True
                 break
             losses.append(value)
-            if e == 0 and step < 4:
-                order_h.update(y.cpu().numpy().tobytes())  # the first targets: the same data order for every optimizer
+            if e == 0 and step < 4:  # the first minibatches, as trained on: the same data for every optimizer
+                order_h.update(x.detach().cpu().numpy().tobytes() + y.cpu().numpy().tobytes())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if size.get("weight_decay"):  # L2 in the gradient, the same for every optimizer (as wrn_transfer)
@@ -884,7 +884,8 @@ def curves_figure(plan: Plan, results: dict[str, Any]):
         for i in range(2):
             axes[i, j].set_xlabel("epoch")
             axes[i, j].grid(alpha=0.3)
-        axes[0, j].legend(fontsize=6)
+        if axes[0, j].get_legend_handles_labels()[0]:
+            axes[0, j].legend(fontsize=6)
     fig.suptitle(f"transfer ({plan.mode} sizes): mean over final seeds {plan.seeds} at the chosen rates, band = sd",
                  fontsize=10)
     fig.tight_layout()
