@@ -94,8 +94,8 @@ def _profile(task, rule) -> dict:
     convolutions' share of forward + backward (torch.profiler, a second evaluation)."""
     import torch
 
-    import nos_gym.rules as rules
-    import nos_gym.tasks.grouped as grouped
+    import nos_gym.engine.rules as rules
+    import nos_gym.tasks.convnet.grouped as grouped
 
     times = {k: 0.0 for k in ("data", "forward", "backward", "rule update", "validation")}
     counts = {"validation images": 0}
@@ -292,7 +292,7 @@ def trainer_table(args: argparse.Namespace) -> None:
     from nos_gym.dsl import parse
     from nos_gym.optim import table1
     from nos_gym.tasks.convnet import PAPER_LRS, PRESETS, train_child
-    from nos_gym.tasks.grouped import train_children
+    from nos_gym.tasks.convnet.grouped import train_children
 
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -372,7 +372,7 @@ def main() -> None:
             import torch
 
             torch.set_num_threads(1)
-            from nos_gym.tasks.child_native import cpu_has_bf16_units
+            from nos_gym.tasks.convnet.native import cpu_has_bf16_units
 
             peak32 = matmul_peak("float32")
             peak16 = matmul_peak("bfloat16") if "bf16" in args.precisions else None

@@ -10,7 +10,7 @@ written in the rule language (``nos_gym.optim.table1()``) -- trains the paper's 
 network (``nos_gym.tasks.convnet.ChildNet``: two 3x3 conv layers of 32 filters with batch
 norm and ReLU, section 4.2) at every rate of a log grid (the paper's ``10^i, i = -5..1``).
 All children start from the same weights and see the same minibatches (batch 100); they
-are trained ``group_size`` at a time as one grouped network (``nos_gym.tasks.grouped``;
+are trained ``group_size`` at a time as one grouped network (``nos_gym.tasks.convnet.grouped``;
 on a GPU all 140 at once, on a CPU one by one in ``workers`` processes, which is faster
 there), with no data augmentation and a constant rate.
 A child whose loss or weights become non-finite is dropped from its group (diverged).
@@ -62,10 +62,10 @@ from _common import (
 )
 
 from nos_gym.data import CIFAR10CorruptError, CIFAR10NotFoundError, Split, load_cifar10, normalize
+from nos_gym.engine.rules import BatchedRule, RuleState
 from nos_gym.optim import get_rule, table1
-from nos_gym.rules import BatchedRule, RuleState
 from nos_gym.tasks.convnet import PAPER_LRS, batch_order, init_child
-from nos_gym.tasks.grouped import GroupedConvNet, evaluate_children, train_step
+from nos_gym.tasks.convnet.grouped import GroupedConvNet, evaluate_children, train_step
 
 FIGURE5_RULES = [*FIGURE_BASELINES, *FIGURE_OPTIMIZERS]  # adam, momentum, rmsprop, sgd, optimizer_1, optimizer_2
 PRESETS: dict[str, dict[str, Any]] = {

@@ -26,10 +26,10 @@ import torch
 
 from nos_gym.data import synthetic_cifar10
 from nos_gym.dsl import Masker, get_space, parse
+from nos_gym.engine.rules import BatchedRule
 from nos_gym.optim import NOSOptimizer
-from nos_gym.rules import BatchedRule
 from nos_gym.tasks.convnet import train_child
-from nos_gym.tasks.grouped import train_children
+from nos_gym.tasks.convnet.grouped import train_children
 
 
 def check_executors_agree(device: torch.device) -> str:

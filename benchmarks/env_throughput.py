@@ -14,7 +14,7 @@
     cores and >= 100x the per-candidate loop. Also the same batch through the task's other
     executors: ``BatchedRule``'s fused path (``executor="fused"``: one compiled opcode kernel
     per step; its compile is done before timing) and the native kernel (``executor="native"``,
-    ``nos_gym.native``: the whole run in one C++ call; 1 process, 2 processes, and 1 process
+    ``nos_gym.engine.native``: the whole run in one C++ call; 1 process, 2 processes, and 1 process
     with 2 kernel threads), with how many rewards each gives differently from ``BatchedRule``.
     Goal (issue 14): >= 5,000 candidates/s on 2 cores.
 
@@ -38,8 +38,8 @@ import numpy as np
 import torch
 
 import nos_gym  # noqa: F401  (registers the ids)
-from nos_gym import native
 from nos_gym.dsl import Masker, Program, get_space
+from nos_gym.engine import native
 from nos_gym.envs import OptimizerSearchEnv, OptimizerSearchVectorEnv
 from nos_gym.optim import NOSOptimizer
 from nos_gym.tasks import Result, Task

@@ -18,7 +18,7 @@ only for rules whose sweep accuracy reaches the hurdle. Reported: Kendall tau-b 
 overlap between the two rankings, and the mean child-images per rule of each.
 
 How the multi-fidelity scores are obtained: for every rule this script runs the halving
-sweep (``nos_gym.tasks.fidelity.run_sweep``, what the task runs) and, when the rate it picks
+sweep (``nos_gym.tasks.convnet.fidelity.run_sweep``, what the task runs) and, when the rate it picks
 differs from the fixed protocol's, the final training at that rate (``run_final``); the
 hurdle only decides whether that final training counts, so a rule's multi-fidelity score
 under any hurdle is either its final-training accuracy (passed) or its sweep accuracy (not),
@@ -61,7 +61,7 @@ from typing import Any
 
 import numpy as np
 
-from nos_gym.tasks.fidelity import kendall_tau  # Kendall's tau-b
+from nos_gym.tasks.convnet.fidelity import kendall_tau  # Kendall's tau-b
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import OUT_ROOT, format_seconds, machine, markdown_table  # noqa: E402
@@ -276,8 +276,7 @@ def part_preset(a: argparse.Namespace, log: Callable[[str], None]) -> list[str]:
 
 # ----------------------------------------------------------------------------- part: quality
 def part_quality(a: argparse.Namespace, log: Callable[[str], None]) -> list[str]:
-    from nos_gym.tasks import fidelity
-    from nos_gym.tasks.convnet import Protocol
+    from nos_gym.tasks.convnet import Protocol, fidelity
 
     cache = Cache(a.cache)
     items = rule_set(a.rules, seed=a.seed)
@@ -342,8 +341,8 @@ def measure_final_rungs(cache: Cache, items, mf_task, mf_label: str, a: argparse
                         log: Callable[[str], None], deadline: float) -> None:
     """The final training of each rule at its halving rate: validated at each checkpoint of
     ``a.final_rungs`` and (for rules that can pass a sweep hurdle) resumed to the end."""
-    from nos_gym.tasks.fidelity import _common
-    from nos_gym.tasks.grouped import evaluate_children, train_children
+    from nos_gym.tasks.convnet.fidelity import _common
+    from nos_gym.tasks.convnet.grouped import evaluate_children, train_children
 
     p = mf_task.protocol
     label = f"{mf_label}:final-rungs"
@@ -564,7 +563,7 @@ def verify_final(cache: Cache, items, mf_proto, fixed_label: str, mf_label: str,
 def timing(cache: Cache, items, fixed_proto, mf_proto, a: argparse.Namespace, log: Callable[[str], None]) -> None:
     """Wall seconds of each stage on the first ``a.timing`` rules: the fixed sweep, the halving sweep,
     the final training (child-images leave out the validation passes, which each rung adds)."""
-    from nos_gym.tasks import fidelity
+    from nos_gym.tasks.convnet import fidelity
 
     fixed_task, mf_task = make_task(fixed_proto.to_dict(), a.data_dir), make_task(mf_proto.to_dict(), a.data_dir)
     fixed_task.data  # noqa: B018  (a property: load before timing)
@@ -597,8 +596,8 @@ def compose(fixed: dict[str, Any], mf: dict[str, Any], passed: bool) -> tuple[fl
 def hurdle_outcomes(rows: Sequence[dict[str, Any]], mode: str, value: float, warmup: int) -> list[bool]:
     """Whether each rule (in scoring order) passes: mode "fixed" (sweep accuracy >= value) or
     "quantile" (>= the ``value`` quantile of the sweep accuracies of the rules before it,
-    everyone passing during the first ``warmup`` rules), as ``nos_gym.tasks.fidelity.Hurdle``."""
-    from nos_gym.tasks.fidelity import Hurdle
+    everyone passing during the first ``warmup`` rules), as ``nos_gym.tasks.convnet.fidelity.Hurdle``."""
+    from nos_gym.tasks.convnet.fidelity import Hurdle
 
     h = Hurdle(threshold=value if mode == "fixed" else None, quantile=value if mode == "quantile" else None,
                warmup=warmup)

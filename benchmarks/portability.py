@@ -65,7 +65,7 @@ def score(rules: int, seed: int) -> dict[str, dict[str, float]]:
 
 
 #: the tasks compared: Rosenbrock through torch's executor and through the native kernel
-#: (``nos_gym.native``, the default where it builds), and the quadratic
+#: (``nos_gym.engine.native``, the default where it builds), and the quadratic
 TASKS = {"rosenbrock": ("rosenbrock", {"executor": "batched"}), "rosenbrock-native": ("rosenbrock", {"executor": "native"}),
          "quadratic": ("quadratic", {})}
 #: the native kernel compiled for: SSE2 only, AVX2 (x86-64-v3), and the host's own CPU

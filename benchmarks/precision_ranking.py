@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fidelity_quality import rule_set, top_overlap  # noqa: E402
 
 from nos_gym.dsl import parse  # noqa: E402
-from nos_gym.tasks.fidelity import kendall_tau  # noqa: E402
+from nos_gym.tasks.convnet.fidelity import kendall_tau  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out" / "precision"
 PROTOCOL = {"schedule": "halving"}

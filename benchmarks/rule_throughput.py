@@ -14,7 +14,7 @@
 (b) 1,024 different random rules: one BatchedRule over (1024, N) stacked parameters vs
     the same rules applied one by one. Goal: >= 20x faster batched.
 (c) BatchedRule's fused path (``fused=True``: one compiled opcode kernel per step,
-    ``nos_gym.fused_batched``) vs today's executor (``fused=False``) on the same 1,024 random
+    ``nos_gym.engine.fused_batched``) vs today's executor (``fused=False``) on the same 1,024 random
     rules x {2, 100, 1,000} parameters (rows of 2 take the per-entry "flat" tables),
     interleaved rounds, min and median per step. Compile time (first use, cold or from
     inductor's disk cache) is printed. Goal (issue 14): >= 2x at 1,000 parameters per rule.
@@ -38,8 +38,8 @@ import time
 import torch
 
 from nos_gym.dsl import Masker, get_space
+from nos_gym.engine.rules import FUSED_MIN_NUMEL, FUSED_MIN_WIDTH, BatchedRule
 from nos_gym.optim import AddSign, NOSOptimizer, PowerSign, table1
-from nos_gym.rules import FUSED_MIN_NUMEL, FUSED_MIN_WIDTH, BatchedRule
 
 
 def _time(fn, repeats: int, warmup: int = 2) -> float:

@@ -59,7 +59,7 @@ def source_of(record: dict[str, Any]) -> str:
 def account(records: Sequence[dict[str, Any]], protocol, searched) -> dict[str, Any]:
     """Child-images of the sampled rules: spent, and avoided by each mechanism, against the fixed
     ``protocol``; ``searched`` is the multi-fidelity protocol the search ran (its halving plan)."""
-    from nos_gym.tasks.fidelity import rung_plan
+    from nos_gym.tasks.convnet.protocol import rung_plan
 
     fixed = protocol.child_images
     final = protocol.final_images

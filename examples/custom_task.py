@@ -17,7 +17,7 @@ import torch
 
 import nos_gym  # noqa: F401  (registers OptimizerSearch-v0)
 from nos_gym.dsl import parse
-from nos_gym.rules import BatchedRule
+from nos_gym.engine.rules import BatchedRule
 from nos_gym.tasks import Result, Task, register
 
 

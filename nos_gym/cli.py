@@ -260,7 +260,7 @@ def cmd_promote(argv: list[str]) -> int:
 
     from nos_gym.agents import ConfigError
     from nos_gym.agents.runs import promote_run
-    from nos_gym.promotion import promote_store
+    from nos_gym.evaluation.promotion import promote_store
 
     p = argparse.ArgumentParser(
         prog="nos-gym promote",
@@ -449,8 +449,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from nos_gym.agents.config import ConfigError
     from nos_gym.bench.table import RuleNotInTableError, TableError
+    from nos_gym.evaluation.promotion import PromotionError
     from nos_gym.evaluation.tabulate import TabulateError
-    from nos_gym.promotion import PromotionError
 
     try:
         return COMMANDS[command](rest)

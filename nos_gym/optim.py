@@ -19,11 +19,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from nos_gym import fused as _fused
 from nos_gym.dsl import Program
 from nos_gym.dsl.table1 import TABLE1, get_rule, table1  # re-exported: the optimizers' names for rules
-from nos_gym.random_streams import stream_seed
-from nos_gym.rules import Draws, Hyper, Inputs, apply_rule, needed_averages, update_averages
+from nos_gym.engine import fused as _fused
+from nos_gym.engine.random_streams import stream_seed
+from nos_gym.engine.rules import Draws, Hyper, Inputs, apply_rule, needed_averages, update_averages
 
 __all__ = ["AddSign", "NOSOptimizer", "PowerSign", "SIGN_DECAYS", "TABLE1", "cosine_decay", "get_rule",
            "linear_decay", "restart_decay", "table1"]
@@ -137,21 +137,21 @@ class NOSOptimizer(_Optimizer):
             ``Hyper()``, the language's constants); ``betas``, ``eps``, ``bias_correction`` or
             ``noise_std`` given as well takes precedence over its field.
         seed: seeds ``drop`` and ``noise``. Their numbers come from the rule's counter-based
-            stream (``nos_gym.random_streams``) with stream seed
+            stream (``nos_gym.engine.random_streams``) with stream seed
             ``stream_seed(seed, rule.canonical_key, draw)`` (``self.stream_seed``): the value
             at step t, draw site s and element index i is a fixed function of (stream seed,
             t, s, i). The element index of entry j of a parameter is j plus the number of
             entries of the parameters before it (all groups, in the order given, whether
             or not they have gradients): the parameters laid end to end, as a row of
-            ``BatchedRule`` lays a ``ChildNet`` out (``nos_gym.tasks.child.layout``). So
+            ``BatchedRule`` lays a ``ChildNet`` out (``nos_gym.tasks.convnet.network.layout``). So
             ``NOSOptimizer(params, rule, seed=s, draw=j)`` draws what
             ``BatchedRule([rule], seeds=[stream_seed(s, key, j)])`` draws on the flat row,
             and what a task with seed s draws for the rule's draw j.
         draw: which of the rule's draws under ``seed`` (0, 1, ...; see ``stream_seed``).
-        fused: the fused path (``nos_gym.fused``): the rule's whole per-parameter step
+        fused: the fused path (``nos_gym.engine.fused``): the rule's whole per-parameter step
             compiled by ``torch.compile`` into one kernel, with a one-off compile cost per
             rule (inductor's on-disk cache shortens later ones). ``None`` (default): fused
-            when the optimizer holds at least ``nos_gym.fused.FUSED_MIN_NUMEL`` (2^20)
+            when the optimizer holds at least ``nos_gym.engine.fused.FUSED_MIN_NUMEL`` (2^20)
             entries on CPU or CUDA, else foreach; ``True``: fused whatever the size;
             ``False``: foreach. Where compiling fails (no C++ compiler, unsupported
             platform), ``None`` and ``True`` warn once (``FusedUnavailableWarning``) and

@@ -16,9 +16,9 @@ def one_thread():
 
 @pytest.fixture
 def compiling_fails(monkeypatch):
-    """torch.compile made unavailable, as on a machine without a C++ compiler: nos_gym.fused's
+    """torch.compile made unavailable, as on a machine without a C++ compiler: nos_gym.engine.fused's
     compile step raises, and its "already warned" flag is reset so that the warning is seen."""
-    from nos_gym import fused
+    from nos_gym.engine import fused
 
     def broken(fn):
         raise RuntimeError("no C++ compiler here")

@@ -24,7 +24,7 @@ import wrn_transfer  # noqa: E402
 from nos_gym.data import load_cifar10  # noqa: E402
 from nos_gym.dsl import parse  # noqa: E402
 from nos_gym.optim import table1  # noqa: E402
-from nos_gym.tasks.grouped import train_children  # noqa: E402
+from nos_gym.tasks.convnet.grouped import train_children  # noqa: E402
 from nos_gym.tasks.rosenbrock import START, rosenbrock, rosenbrock_grad  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"

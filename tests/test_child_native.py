@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from nos_gym.dsl import parse
-from nos_gym.tasks import child_native
-from nos_gym.tasks.child import init_child
-from nos_gym.tasks.child_native import bn_relu_pool, bn_relu_pool_reference
-from nos_gym.tasks.grouped import GroupedConvNet, per_child_loss
+from nos_gym.tasks.convnet import native as child_native
+from nos_gym.tasks.convnet.grouped import GroupedConvNet, per_child_loss
+from nos_gym.tasks.convnet.native import bn_relu_pool, bn_relu_pool_reference
+from nos_gym.tasks.convnet.network import init_child
 
 pytestmark = pytest.mark.numerics
 needs_kernel = pytest.mark.skipif(not child_native.available(), reason="no C++ compiler: the kernel cannot be built")

@@ -11,7 +11,7 @@ from nos_gym.data import load_cifar10, normalize
 from nos_gym.dsl import parse
 from nos_gym.tasks import make
 from nos_gym.tasks.convnet import PRESETS, ChildNet, ConvNetTask, Protocol, init_child, train_child
-from nos_gym.tasks.grouped import GroupedConvNet, per_child_loss, train_children
+from nos_gym.tasks.convnet.grouped import GroupedConvNet, per_child_loss, train_children
 
 # numbers that depend on float rounding: CI runs these again with the scalar CPU kernels
 pytestmark = pytest.mark.numerics

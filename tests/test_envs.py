@@ -16,9 +16,9 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 import nos_gym
 from nos_gym import bench
 from nos_gym.dsl import Constraints, Masker, get_space, parse
+from nos_gym.engine.rules import BatchedRule
 from nos_gym.envs import InvalidActionError, OptimizerSearchEnv, OptimizerSearchVectorEnv, SB3VecEnv
 from nos_gym.evaluation import Evaluator
-from nos_gym.rules import BatchedRule
 from nos_gym.tasks import Result, Task
 
 #: the Bench env reads the shipped NOS-Bench table; tests/test_bench.py checks it on a stand-in meanwhile

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from nos_gym.dsl import Program, parse
+from nos_gym.engine.rules import BatchedRule
 from nos_gym.evaluation import Evaluator
-from nos_gym.rules import BatchedRule
 from nos_gym.store import Store
 from nos_gym.tasks import Result, Task
 

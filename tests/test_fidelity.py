@@ -14,8 +14,9 @@ from nos_gym.dsl import parse
 from nos_gym.store import Store
 from nos_gym.tasks import Result, make
 from nos_gym.tasks.convnet import PRESETS, ConvNetTask, Protocol
-from nos_gym.tasks.fidelity import Hurdle, kendall_tau, run_sweep, rung_plan
-from nos_gym.tasks.grouped import train_children
+from nos_gym.tasks.convnet.fidelity import Hurdle, kendall_tau, run_sweep
+from nos_gym.tasks.convnet.grouped import train_children
+from nos_gym.tasks.convnet.protocol import rung_plan
 
 pytestmark = pytest.mark.numerics  # accuracies depend on float rounding
 

@@ -1,5 +1,5 @@
 """The final hurdle: successive halving of the final training, per rule, with a fixed threshold
-(``Protocol.final_hurdle`` / ``final_rung``; ``nos_gym.tasks.fidelity.run_final``). Real CIFAR-10,
+(``Protocol.final_hurdle`` / ``final_rung``; ``nos_gym.tasks.convnet.fidelity.run_final``). Real CIFAR-10,
 the "ci" preset (its final training: 2 epochs of 1,000 images, batch 50, 40 minibatches)."""
 
 import hashlib
@@ -11,7 +11,7 @@ import torch
 
 from nos_gym.dsl import parse
 from nos_gym.tasks.convnet import PRESETS, ConvNetTask, Protocol
-from nos_gym.tasks.grouped import train_children
+from nos_gym.tasks.convnet.grouped import train_children
 
 pytestmark = pytest.mark.numerics  # accuracies depend on float rounding
 

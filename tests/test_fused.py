@@ -1,4 +1,4 @@
-"""The fused path (nos_gym.fused): the same trajectories as the foreach path, the fallback, state_dict.
+"""The fused path (nos_gym.engine.fused): the same trajectories as the foreach path, the fallback, state_dict.
 
 Compiling costs seconds per rule, so most rules are checked in two cheap ways: the generated
 step of every rule run *eagerly* (the Python that inductor compiles) against the foreach path,
@@ -15,10 +15,10 @@ import pytest
 import torch
 from numerics_helpers import max_rel_error as _rel
 
-from nos_gym import fused
 from nos_gym.dsl import Masker, get_space, parse
+from nos_gym.engine import fused
+from nos_gym.engine.rules import Draws, Hyper
 from nos_gym.optim import AddSign, NOSOptimizer, PowerSign, get_rule, table1
-from nos_gym.rules import Draws, Hyper
 
 pytestmark = pytest.mark.numerics
 

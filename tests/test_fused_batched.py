@@ -1,4 +1,4 @@
-"""BatchedRule's fused path (nos_gym.fused_batched): today's executor's trajectories and draws, the fallback.
+"""BatchedRule's fused path (nos_gym.engine.fused_batched): today's executor's trajectories and draws, the fallback.
 
 A cold compile of the opcode step costs tens of seconds on a loaded 2-core machine, so every
 rule checked here runs in ONE batch -- the Table 1 rules, 64 random deterministic rules and
@@ -14,10 +14,10 @@ import pytest
 import torch
 from numerics_helpers import max_rel_error as _rel
 
-from nos_gym import fused, fused_batched
 from nos_gym.dsl import Masker, get_space, parse
+from nos_gym.engine import fused, fused_batched
+from nos_gym.engine.rules import FUSED_FLAT_BELOW, BatchedRule
 from nos_gym.optim import table1
-from nos_gym.rules import FUSED_FLAT_BELOW, BatchedRule
 from nos_gym.tasks.rosenbrock import RosenbrockTask
 
 pytestmark = pytest.mark.numerics

@@ -39,8 +39,24 @@ def _type_checking_only(tree: ast.AST) -> set[int]:
     return skip
 
 
-def import_graph() -> dict[str, dict[str, int]]:
-    """Module -> {nos_gym module it imports: line of the first such import}, top level and in functions."""
+#: The floors of the package, lowest first: a module imports only from its own floor or lower
+#: ones (the package's ``__init__``, for ``__version__``, from anywhere). Data flows one way:
+#: the language, the engine that runs it, optimizers, data sources, tasks, the score store,
+#: evaluation, the env, agents, the command line. See docs/architecture.md.
+FLOORS = ["dsl", "engine", "optim", "data bench", "tasks", "store", "evaluation", "envs", "agents", "cli"]
+
+
+def floor(module: str) -> int:
+    top = module.split(".")[1] if "." in module else ""
+    for level, names in enumerate(FLOORS):
+        if top in names.split():
+            return level
+    raise KeyError(f"{module}: not on any floor of FLOORS; add its package there")
+
+
+def import_graph(type_checking: bool = False) -> dict[str, dict[str, int]]:
+    """Module -> {nos_gym module it imports: line of the first such import}, top level and in functions
+    (and under ``if TYPE_CHECKING:`` too, with ``type_checking``)."""
     mods = _modules()
 
     def known(name: str) -> str | None:  # the module a dotted name lives in ("nos_gym.dsl.parse" -> "nos_gym.dsl")
@@ -51,7 +67,7 @@ def import_graph() -> dict[str, dict[str, int]]:
     graph: dict[str, dict[str, int]] = {}
     for mod, path in mods.items():
         tree = ast.parse(path.read_text(), str(path))
-        skip = _type_checking_only(tree)
+        skip = set() if type_checking else _type_checking_only(tree)
         package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
         edges: dict[str, int] = {}
         for node in ast.walk(tree):
@@ -129,18 +145,36 @@ def test_no_import_cycles_beyond_the_known_ones():
     assert not message, message
 
 
+def test_every_import_goes_down_the_floors():
+    graph = import_graph(type_checking=True)
+    up = [f"{a} (floor {floor(a)}) imports {b} (floor {floor(b)}) at line {line}"
+          for a, bs in sorted(graph.items()) if a != "nos_gym" for b, line in sorted(bs.items())
+          if b != "nos_gym" and floor(b) > floor(a)]
+    assert not up, "imports up the floors:\n" + "\n".join(up)
+
+
+def test_no_two_modules_refer_to_each_other_even_for_types():
+    graph = import_graph(type_checking=True)
+    pairs = sorted({tuple(sorted((a, b))) for a, bs in graph.items() for b in bs if a in graph.get(b, {})})
+    assert not pairs, f"modules that import each other (also under TYPE_CHECKING): {pairs}"
+
+
 def test_the_graph_sees_function_level_imports_and_cycles():
     # the checker itself: a function-level import counts, and a cycle through it is found
     graph = import_graph()
     assert "nos_gym.dsl.tree" in graph["nos_gym.dsl.notation"]
     assert "nos_gym.envs.render" in graph["nos_gym.envs.optimizer_search"]  # imported inside render()
-    assert "nos_gym.rules" in graph["nos_gym.optim"]
+    assert "nos_gym.engine.rules" in graph["nos_gym.optim"]
     assert cycles({"a": {"b": 1}, "b": {"c": 1}, "c": {"a": 1}, "d": {"a": 1}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b": 1}, "b": {}}) == []
+    # and the floors see an upward import, as the test above would report it
+    assert floor("nos_gym.engine.rules") < floor("nos_gym.tasks.convnet.task") < floor("nos_gym.cli")
+    assert "nos_gym.tasks.convnet.protocol" in import_graph(type_checking=True)["nos_gym.tasks.convnet.fidelity"]
 
 
 def test_the_language_and_the_task_interface_import_no_torch():
-    code = ("import sys, nos_gym.dsl, nos_gym.dsl.table1, nos_gym.rule_plan, nos_gym.tasks.base; "
+    code = ("import sys, nos_gym.dsl, nos_gym.dsl.table1, nos_gym.engine.step_plan, nos_gym.tasks.base, "
+            "nos_gym.tasks.convnet.protocol; "
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:5]")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -1,4 +1,4 @@
-"""The native Rosenbrock kernel (nos_gym.native): its functions, its agreement with torch's
+"""The native Rosenbrock kernel (nos_gym.engine.native): its functions, its agreement with torch's
 executor, its portability across vector widths, its fallback and the task's fingerprint."""
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from nos_gym import native
 from nos_gym.dsl import Program, parse
 from nos_gym.dsl.spaces import Masker, get_space
-from nos_gym.random_streams import hash64, normal
-from nos_gym.rules import Hyper
+from nos_gym.engine import native
+from nos_gym.engine.random_streams import hash64, normal
+from nos_gym.engine.rules import Hyper
 from nos_gym.tasks.rosenbrock import RosenbrockTask
 
 needs_native = pytest.mark.skipif(not native.available(), reason="no C++ compiler here (see the fallback test)")
@@ -93,7 +93,7 @@ def test_hash_is_random_streams_splitmix64():
 
 def _normal_ieee(bits: int, std: float) -> np.float32:
     """random_streams.normal for one value, every operation an IEEE float32 one (numpy scalars)."""
-    from nos_gym import random_streams as rs
+    from nos_gym.engine import random_streams as rs
 
     f = np.float32
     a = f(((bits >> 40) & (2**24 - 1)) + 1)
@@ -256,7 +256,7 @@ def test_fallback_without_a_compiler(tmp_path):
     code = textwrap.dedent("""
         import warnings
         warnings.simplefilter("always")
-        from nos_gym import native
+        from nos_gym.engine import native
         from nos_gym.dsl import parse
         from nos_gym.tasks.rosenbrock import RosenbrockTask
         with warnings.catch_warnings(record=True) as caught:

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from nos_gym.dsl import Program, parse
+from nos_gym.engine.rules import Hyper
 from nos_gym.optim import AddSign, NOSOptimizer, PowerSign, cosine_decay, linear_decay, restart_decay, table1
-from nos_gym.rules import Hyper
 
 # numbers that depend on float rounding: CI runs these again with the scalar CPU kernels
 pytestmark = pytest.mark.numerics
@@ -130,7 +130,7 @@ def test_a_model_draws_as_its_parameters_laid_end_to_end_in_one_batched_row(rule
     """NOSOptimizer's element index is the entry's offset over all parameters in order: the
     parameters of several tensors draw what one flat BatchedRule row draws (the convention
     that makes train_child and the grouped train_children agree)."""
-    from nos_gym.rules import BatchedRule
+    from nos_gym.engine.rules import BatchedRule
 
     model = _model()
     flat0 = torch.cat([p.detach().flatten() for p in model.parameters()])

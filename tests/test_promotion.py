@@ -1,4 +1,4 @@
-"""Promotion over several child seeds (``nos_gym.promotion``): a rule's promoted reward is the
+"""Promotion over several child seeds (``nos_gym.evaluation.promotion``): a rule's promoted reward is the
 mean of its scores at each task seed, each of them the score that seed alone gives."""
 
 import json
@@ -8,7 +8,7 @@ import pytest
 
 from nos_gym.cli import main
 from nos_gym.dsl import parse
-from nos_gym.promotion import PromotionError, promote, promotion_label
+from nos_gym.evaluation.promotion import PromotionError, promote, promotion_label
 
 pytestmark = pytest.mark.numerics  # accuracies depend on float rounding
 

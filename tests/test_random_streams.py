@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from nos_gym.random_streams import (
+from nos_gym.engine.random_streams import (
     hash64,
     mix64,
     normal,

@@ -2,7 +2,7 @@
 
 Not on the batch it came in, its position there, the batch size, the backend (serial,
 process, Ray) or the rules in flight: a stochastic rule (drop, noise) draws from its own
-stream, seeded by the task seed and the rule (``nos_gym.random_streams``), and scores the
+stream, seeded by the task seed and the rule (``nos_gym.engine.random_streams``), and scores the
 mean of the task's ``draws`` evaluations.
 """
 

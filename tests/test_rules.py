@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from nos_gym.dsl import Masker, Program, get_space, parse
-from nos_gym.rule_plan import BankLayout, GroupPlan, Plan, Run, build_plan
-from nos_gym.rules import BatchedRule, Hyper, RuleState
+from nos_gym.engine.rules import BatchedRule, Hyper, RuleState
+from nos_gym.engine.step_plan import BankLayout, GroupPlan, Plan, Run, build_plan
 
 # numbers that depend on float rounding: CI runs these again with the scalar CPU kernels
 pytestmark = pytest.mark.numerics
@@ -221,7 +221,7 @@ def test_both_executors_draw_the_same_numbers_for_a_stochastic_rule(text):
     torch.manual_seed(5)
     w0 = torch.randn(1, 301, dtype=torch.float64)
     program = parse(text)
-    from nos_gym.random_streams import stream_seed
+    from nos_gym.engine.random_streams import stream_seed
 
     batched = _train(BatchedRule([program], seeds=[stream_seed(9, program.canonical_key)]), w0)
     alone = _trajectory_alone(program, w0[0], seed=9)
@@ -273,7 +273,7 @@ def test_equivalent_programs_draw_the_same_numbers():
 
 def test_draw_sites_are_numbered_on_the_canonical_form():
     from nos_gym.dsl.canonical import canonicalize
-    from nos_gym.rule_plan import UNUSED_SITE, _tagged_tree, draw_sites
+    from nos_gym.engine.step_plan import UNUSED_SITE, _tagged_tree, draw_sites
 
     assert draw_sites(parse("g + noise")) == {1: 0}
     assert draw_sites(parse("noise + g")) == {0: 0}

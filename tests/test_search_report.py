@@ -17,7 +17,7 @@ import search_cost  # noqa: E402
 
 from nos_gym.dsl import parse  # noqa: E402
 from nos_gym.tasks.convnet import Protocol  # noqa: E402
-from nos_gym.tasks.fidelity import rung_plan  # noqa: E402
+from nos_gym.tasks.convnet.protocol import rung_plan  # noqa: E402
 
 FIXED = Protocol.preset("cpu")
 SEARCHED = Protocol.preset("cpu", schedule="halving", hurdle=0.277, final_hurdle=0.396, final_rung=1750)

@@ -117,7 +117,7 @@ class RunArgs:
     top_k: int = 10
     promote: dict = field(default_factory=dict)
     """at the end of the run, re-score its best rules at a higher fidelity and save
-    promoted-PRESET.txt/.json in the run directory (``nos_gym.promotion``), e.g. {preset: fast, top: 10}
+    promoted-PRESET.txt/.json in the run directory (``nos_gym.evaluation.promotion``), e.g. {preset: fast, top: 10}
     (keys: preset, top, task_options, backend); {}: no promotion"""
     # --- this process -------------------------------------------------------------------
     torch_threads: int = 1
@@ -169,7 +169,7 @@ class RunArgs:
 
 def check_promote(setting: Any, task: str) -> None:
     """Check the run setting ``promote`` (``{}``: none); ``ConfigError`` naming what is wrong."""
-    from nos_gym.promotion import PROMOTE_KEYS, promotion_options
+    from nos_gym.evaluation.promotion import PROMOTE_KEYS, promotion_options
 
     if not isinstance(setting, dict):
         raise ConfigError(f"config key 'promote' must be a mapping such as {{preset: fast, top: 10}} "

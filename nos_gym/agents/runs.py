@@ -829,9 +829,9 @@ class Run:
         return False
 
     def _promote_at_end(self) -> RunError | None:
-        """The setting ``promote``: re-score the best rules at a higher fidelity (``nos_gym.promotion``);
+        """The setting ``promote``: re-score the best rules at a higher fidelity (``nos_gym.evaluation.promotion``);
         skipped when the run's current leaderboard was promoted before (a finished run resumed)."""
-        from nos_gym.promotion import promotion_label
+        from nos_gym.evaluation.promotion import promotion_label
 
         s = self.args.promote
         label = promotion_label(s.get("preset"), s.get("seeds", ()))
@@ -909,13 +909,13 @@ class Run:
 def promote_run(run_dir: str | os.PathLike, *, preset: str | None, top: int = 10, task: str | None = None,
                 task_options: dict[str, Any] | None = None, seeds: Sequence[int] = (), store: str | None = None,
                 backend: str = "auto", out: str | os.PathLike | None = None, quiet: bool = False):
-    """Re-score a run's best ``top`` distinct rules at a higher fidelity (``nos_gym.promotion``) and save
+    """Re-score a run's best ``top`` distinct rules at a higher fidelity (``nos_gym.evaluation.promotion``) and save
     ``promoted-LABEL.txt/.json`` in ``out`` (default: the run directory). ``task``: the run's own by
     default, with its options' protocol replaced by ``preset``; ``seeds``: score each rule at these task
     seeds and rank by the mean; ``store``: the run's store by default ('' for none). Returns the
     ``Leaderboard``."""
     from nos_gym.agents.config import load_yaml
-    from nos_gym.promotion import promote, promotion_label, promotion_options
+    from nos_gym.evaluation.promotion import promote, promotion_label, promotion_options
 
     path = Path(run_dir)
     config = load_yaml(path / CONFIG_FILE) if (path / CONFIG_FILE).is_file() else {}

@@ -89,10 +89,10 @@ STOCHASTIC: frozenset[str] = frozenset({"noise", *DROP_RATES})
 #: Every task's fingerprint includes it, so scores computed under other semantics are never
 #: reused from a cache or store. 2: ``drop`` zeroes entries even when inf; ``noise`` is a
 #: fresh float32 draw per read (stochastic rules score differently than under 1). 3: every
-#: rule draws from its own counter-based stream (``nos_gym.random_streams``), a function of
+#: rule draws from its own counter-based stream (``nos_gym.engine.random_streams``), a function of
 #: (stream seed, step, draw site, element), not from one generator per batch: stochastic
 #: rules get other numbers than under 2, the same ones in every batch and executor.
-#: (``nos_gym.rules.SEMANTICS_VERSION`` is this number.)
+#: (``nos_gym.engine.rules.SEMANTICS_VERSION`` is this number.)
 SEMANTICS_VERSION = 3
 
 GROUP_SIZE = 5

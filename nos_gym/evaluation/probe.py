@@ -63,7 +63,7 @@ import numpy as np
 import torch
 
 from nos_gym.dsl import Program
-from nos_gym.rules import BatchedRule, Hyper
+from nos_gym.engine.rules import BatchedRule, Hyper
 
 __all__ = ["D", "MANTISSA_BITS", "PER_ROW_SEEDS", "PROBE_SEED", "PROBE_VERSION", "PROBLEMS", "SCREENS", "STEPS",
            "ProbeInputs", "ProbeResult", "fingerprints", "probe", "probe_inputs", "run_probe"]

@@ -144,7 +144,7 @@ def images_per_rule(task: Task) -> int | None:
     p = getattr(task, "protocol", None)
     if p is None or not hasattr(p, "lrs"):
         return None
-    from nos_gym.tasks.fidelity import rung_plan
+    from nos_gym.tasks.convnet.protocol import rung_plan
 
     steps = (p.sweep_examples // p.batch_size) * p.sweep_epochs
     sweep, start = 0, 0

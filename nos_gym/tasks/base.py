@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nos_gym.dsl import Program
-from nos_gym.dsl.vocabulary import SEMANTICS_VERSION  # not nos_gym.rules: this module needs no torch
+from nos_gym.dsl.vocabulary import SEMANTICS_VERSION  # not nos_gym.engine.rules: this module needs no torch
 
 
 @dataclass
@@ -95,7 +95,7 @@ class Task(ABC):
 # ------------------------------------------------------------------- stochastic rules
 # A stochastic rule's score is an estimate of its expected score: the mean over ``draws``
 # evaluations, draw j with the stream seed ``stream_seed(task seed, canonical key, j)``
-# (``nos_gym.random_streams``). A deterministic rule is evaluated once.
+# (``nos_gym.engine.random_streams``). A deterministic rule is evaluated once.
 def check_draws(draws: Any) -> int:
     """``draws`` as a positive int (a task option: the evaluations a stochastic rule's score averages)."""
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:

@@ -34,8 +34,8 @@ from typing import Any
 import torch
 
 from nos_gym.dsl import Program
-from nos_gym.random_streams import stream_seed
-from nos_gym.rules import BatchedRule, Hyper
+from nos_gym.engine.random_streams import stream_seed
+from nos_gym.engine.rules import BatchedRule, Hyper
 from nos_gym.tasks.base import check_draws
 from nos_gym.tasks.grid import LossGridTask
 

@@ -27,13 +27,13 @@ strictly decreasing in ``L*`` in between (each factor 10 is worth 1/13.4 = 0.075
 
 **Batching.** ``evaluate`` runs all B programs x L learning rates as one vectorised
 computation: a ``(B * L, 2)`` parameter tensor trained by one ``BatchedRule`` (the
-batched rule compiler, ``nos_gym.rules``); programs of different depths run together in
+batched rule compiler, ``nos_gym.engine.rules``); programs of different depths run together in
 it (shorter ones padded with pass-through groups to the deepest). Rows that diverge (NaN
 or inf parameters, which never come back) are dropped from the computation at steps 25,
 100, 400 and 1,600 (``BatchedRule.select``), which changes no other row's numbers.
 
 **Stochastic rules** (``drop``, ``noise``): each row draws from the rule's own stream
-(``nos_gym.random_streams``), so a rule gets the same numbers alone, anywhere in any
+(``nos_gym.engine.random_streams``), so a rule gets the same numbers alone, anywhere in any
 batch and on any backend. Its reward is the mean of ``draws`` evaluations (default
 ``DRAWS``), draw j with stream seed ``stream_seed(seed, canonical key, j)``; ``metrics``
 are draw 0's, plus ``draws`` and ``draw_rewards``. A deterministic rule is run once.
@@ -51,11 +51,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from nos_gym import native
 from nos_gym.dsl import Program
 from nos_gym.dsl.table1 import get_rule
-from nos_gym.random_streams import stream_seed
-from nos_gym.rules import BatchedRule, Hyper
+from nos_gym.engine import native
+from nos_gym.engine.random_streams import stream_seed
+from nos_gym.engine.rules import BatchedRule, Hyper
 from nos_gym.tasks.base import check_draws
 from nos_gym.tasks.grid import LossGridTask
 
@@ -105,13 +105,13 @@ class RosenbrockTask(LossGridTask):
 
             - ``"auto"`` (default): ``"native"`` where it builds, else ``"batched"``
               (decided here, once; ``self.executor`` says which);
-            - ``"native"``: the whole run as one C++ call (``nos_gym.native``): the time
+            - ``"native"``: the whole run as one C++ call (``nos_gym.engine.native``): the time
               loop inside the kernel, each rule interpreted once per step for all its
               learning rates; ~10x ``"batched"``, and the same bits on every x86-64 CPU;
             - ``"batched"``: ``BatchedRule``, torch's per-token kernels (the executor of
               every score stored before the native one existed);
             - ``"fused"``: ``BatchedRule``'s fused path (one compiled kernel per step,
-              ``nos_gym.fused_batched``).
+              ``nos_gym.engine.fused_batched``).
         fused: ``fused=True`` is ``executor="fused"`` (the older spelling).
         threads: the native kernel's threads (rule instances are shared out; the numbers
             are the same for any count, so it is not part of the fingerprint).

@@ -143,7 +143,7 @@ def promote(candidates: Sequence[Mapping[str, Any]], task: str, options: Mapping
     """
     from nos_gym.dsl import Program
     from nos_gym.evaluation import Evaluator
-    from nos_gym.tasks.fidelity import kendall_tau
+    from nos_gym.tasks.convnet.fidelity import kendall_tau
 
     seeds = [int(s) for s in seeds]
     if len(set(seeds)) != len(seeds):

@@ -20,7 +20,7 @@ and the averages once.
   call overhead per parameter tensor per step. The kernels follow ``torch.set_num_threads``
   at run time (``cpp.dynamic_threads``).
 - **Draws**: ``drop``'s uniforms are computed inside the kernel from the same splitmix64
-  hash as ``nos_gym.random_streams`` (bit-exact: integer ops and one int->float
+  hash as ``nos_gym.engine.random_streams`` (bit-exact: integer ops and one int->float
   conversion). ``noise`` is not: its Box-Muller polynomial is rounded differently once
   inductor fuses it (1 ulp), so the normals are computed outside with the existing
   vectorised generator (``Draws.noise``) and passed in.
@@ -46,8 +46,8 @@ from torch import Tensor
 
 from nos_gym.dsl.program import Program
 from nos_gym.dsl.vocabulary import CLIP_LEVELS, DROP_RATES, GROUP_SIZE, WEIGHT_SCALES, is_result_operand, result_index
-from nos_gym.random_streams import GAMMA, hash64
-from nos_gym.rule_plan import draw_sites, needed_averages
+from nos_gym.engine.random_streams import GAMMA, hash64
+from nos_gym.engine.step_plan import draw_sites, needed_averages
 
 __all__ = ["FUSED_MIN_NUMEL", "FusedStep", "FusedUnavailableWarning", "addsign_step", "available", "powersign_step",
            "rule_source", "rule_step", "step_keys", "use_fused"]
@@ -141,7 +141,7 @@ def rule_source(program: Program, hyper) -> tuple[str, list[int], list[int]]:
     ``s`` (``p``'s dtype): ``[lr, m's bias-correction divisor, v's, y's]``; ``ints``
     (int64): ``[element index of p's first entry, step key of each drop site...]``;
     ``noise``: one tensor per noise site, like ``p``. The arithmetic is ``apply_rule``'s,
-    op for op (``nos_gym.rules``).
+    op for op (``nos_gym.engine.rules``).
     """
     sites = draw_sites(program)
     drop_sites: list[int] = []
@@ -246,7 +246,7 @@ def rule_source(program: Program, hyper) -> tuple[str, list[int], list[int]]:
 
 def _build(src: str, name: str) -> Callable:
     namespace: dict[str, Any] = {"torch": torch}
-    exec(compile(src, f"<nos_gym.fused {name}>", "exec"), namespace)  # noqa: S102 -- our own generated code
+    exec(compile(src, f"<nos_gym.engine.fused {name}>", "exec"), namespace)  # noqa: S102 -- our own generated code
     return namespace["step"]
 
 

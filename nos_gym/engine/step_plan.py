@@ -2,7 +2,7 @@
 
 ``build_plan(programs)`` looks only at the programs' tokens (no torch, no tensors) and
 says, for B programs run side by side on B stacked rows, where every operand is kept and
-which call runs over which rows. ``nos_gym.rules.BatchedRule`` binds a plan to tensors
+which call runs over which rows. ``nos_gym.engine.rules.BatchedRule`` binds a plan to tensors
 (a row width, dtype and device) and runs it; the plan can be read and tested alone.
 
 The words of the plan:
@@ -32,7 +32,7 @@ the result into the bank (``result_row``) if a later group reads it. After the l
 Random draws (``drop``, ``noise``): every ``drop``/``noise`` token of a program is a
 **draw site**, numbered on the program's canonical form (``draw_sites``), and a row's draws
 at a site are a fixed function of (the row's stream seed, the step, the site, the column):
-``nos_gym.random_streams``. The plan says which (row, site) each noise row of the bank
+``nos_gym.engine.random_streams``. The plan says which (row, site) each noise row of the bank
 (``Plan.noise``) and each slot of a ``drop`` run (``Run.draws``) reads, so a row draws the
 same numbers in any batch, at any position, and as ``NOSOptimizer`` draws them alone.
 """
@@ -56,7 +56,7 @@ from nos_gym.dsl.vocabulary import (
 )
 
 #: unary tokens that differ only in a constant, by family: one call runs a whole family
-#: with a constant per slot (``nos_gym.rules.UNARY_FAMILIES`` holds the functions)
+#: with a constant per slot (``nos_gym.engine.rules.UNARY_FAMILIES`` holds the functions)
 FAMILIES: dict[str, dict[str, float]] = {"clip": CLIP_LEVELS, "drop": DROP_RATES}
 _FAMILY_OF = {tok: fam for fam, consts in FAMILIES.items() for tok in consts}
 

@@ -6,8 +6,8 @@ normalise, pool with indices, ReLU) and five backward (ReLU mask, a zero-filled
 unpooling, two batch-norm passes), each reading or writing a tensor several times the
 L2 cache; together they cost about as much as the convolutions. ``bn_relu_pool`` does the
 block in one pass over the statistics and one over the pixels forward, and two backward,
-in ``nos_gym/csrc/child_bn_pool.cpp`` (built on first use like the Rosenbrock kernel:
-``nos_gym.native.build``; ``NOS_GYM_NATIVE=0`` turns it off).
+in ``nos_gym/tasks/convnet/csrc/child_bn_pool.cpp`` (built on first use like the Rosenbrock kernel:
+``nos_gym.engine.native.build``; ``NOS_GYM_NATIVE=0`` turns it off).
 
 What it computes is torch's block: batch statistics over (N, H, W) per channel (biased
 variance to normalise, unbiased for the running variance, ``momentum`` as
@@ -37,12 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nos_gym.native import NativeLibrary
+from nos_gym.engine.native import NativeLibrary
 
 __all__ = ["ChildKernelUnavailableWarning", "NoBF16UnitsWarning", "available", "bn_relu_pool", "bn_relu_pool_reference",
            "cpu_has_bf16_units", "library", "warn_if_no_bf16_units"]
 
-SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "child_bn_pool.cpp"
+SOURCE = Path(__file__).resolve().parent / "csrc" / "child_bn_pool.cpp"
 ABI_VERSION = 2
 #: 256-bit vectors even where AVX-512 exists: the channel loops (32 channels a child) are too short
 #: for 512-bit vectors of the one-byte argmax, which leave them to the scalar remainder loop.
@@ -97,7 +97,7 @@ def _setup(lib: ctypes.CDLL, path: Path) -> None:
     lib.nos_bn_pool_backward.restype = i32
 
 
-#: the kernel: ``library(arch)`` is the loaded library or None (``nos_gym.native.NativeLibrary``)
+#: the kernel: ``library(arch)`` is the loaded library or None (``nos_gym.engine.native.NativeLibrary``)
 library = NativeLibrary(SOURCE, _setup, ChildKernelUnavailableWarning,
                         "torch's operators run the child's batch norm + pool + ReLU instead (slower on CPU; scores "
                         "differ by float rounding, under another fingerprint)", EXTRA_FLAGS)

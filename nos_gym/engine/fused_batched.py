@@ -1,8 +1,8 @@
 """A fused step for ``BatchedRule``: B different rules in one compiled kernel, the tokens as data.
 
-``BatchedRule``'s default executor (``nos_gym.rules._Executor``) runs a step as a fixed
+``BatchedRule``'s default executor (``nos_gym.engine.rules._Executor``) runs a step as a fixed
 number of kernels per distinct token: ~65 for a batch of random depth-2 rules, each a pass
-over the rows. Compiling each batch's rules as code (``nos_gym.fused``) would cost seconds
+over the rows. Compiling each batch's rules as code (``nos_gym.engine.fused``) would cost seconds
 per batch, more than a Rosenbrock evaluation. Here the rules are *data*: each row carries
 per-group opcodes (its operands, unaries, binaries) and constants (clip levels, drop rates,
 the drop sites' stream keys) in small integer and float tables, and one generated function,
@@ -13,10 +13,10 @@ compiled once, computes every row's update from them:
   computed once per element; each side of each group selects its operand by its opcode
   (a chain of ``torch.where`` over the vocabulary), applies every unary and selects one
   (``drop``'s uniform is computed in the kernel from the row's key: the splitmix64 hash of
-  ``nos_gym.random_streams``, integer ops, bit-exact), then the group's binary is selected
+  ``nos_gym.engine.random_streams``, integer ops, bit-exact), then the group's binary is selected
   the same way. inductor fuses the whole step -- the running averages too -- into one loop
   over the elements: the operands are read once, the direction and the averages written
-  once. Arithmetic is ``nos_gym.rules``' op for op, so rows get today's numbers (see
+  once. Arithmetic is ``nos_gym.engine.rules``' op for op, so rows get today's numbers (see
   ``tests/test_fused_batched.py``).
 - **Compiled once per shape of the code**, not per batch: the key is (depth, the averages
   kept, whether any row reads ``noise``, whether any row drops, dtype, device); the batch
@@ -28,14 +28,14 @@ compiled once, computes every row's update from them:
   run under ``torch.inference_mode`` compiles one more graph (inference tensors have
   other dispatch keys), once.
 - ``noise``'s normals are not computed in the kernel (inductor rounds the Box-Muller
-  polynomial differently, see ``nos_gym.fused``): the existing generator fills a block of
-  steps (``nos_gym.rules._Streams``) and the kernel gathers each slot's row.
+  polynomial differently, see ``nos_gym.engine.fused``): the existing generator fills a block of
+  steps (``nos_gym.engine.rules._Streams``) and the kernel gathers each slot's row.
 - **Threads**: inductor's CPU kernel runs an OpenMP team whatever the size; on the
   loaded 2-core machine a team of 2 stalled small steps for ~10 ms, so ``BatchedRule``
   runs steps of fewer than 2^16 entries on one thread (``rules.FUSED_PARALLEL_FROM``).
   The thread count is part of dynamo's guards: each count used compiles its own graph,
   once (``BatchedCode.ready`` probes it).
-- **Fallback**: compile failures go through ``nos_gym.fused``'s machinery (one
+- **Fallback**: compile failures go through ``nos_gym.engine.fused``'s machinery (one
   ``FusedUnavailableWarning`` per process, then ``available()`` is False and ``BatchedRule``
   runs its default executor).
 
@@ -57,7 +57,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from nos_gym import fused as _fused
 from nos_gym.dsl.program import Program
 from nos_gym.dsl.vocabulary import (
     BASE_OPERANDS,
@@ -68,8 +67,9 @@ from nos_gym.dsl.vocabulary import (
     is_result_operand,
     result_index,
 )
-from nos_gym.random_streams import GAMMA, hash64
-from nos_gym.rule_plan import Draw, draw_sites, pad_program
+from nos_gym.engine import fused as _fused
+from nos_gym.engine.random_streams import GAMMA, hash64
+from nos_gym.engine.step_plan import Draw, draw_sites, pad_program
 
 __all__ = ["BATCHED_COMPILE_NOTE", "BatchedCode", "BatchedTables", "batched_step", "opcode_row"]
 
@@ -124,7 +124,7 @@ def batched_source(depth: int, averages: tuple[str, ...], noise: bool, drop: boo
     h = hyper
     lines: list[str] = []
     emit = lines.append
-    # the running averages, as nos_gym.rules.advance_averages computes them
+    # the running averages, as nos_gym.engine.rules.advance_averages computes them
     if "m" in averages:
         emit(f"m = torch.lerp(m, g, {1.0 - h.beta1!r})")
     if "v" in averages:
@@ -206,7 +206,7 @@ class BatchedCode:
         namespace: dict[str, Any] = {"torch": torch}
         name = (f"batched depth {depth} {''.join(averages)}{' noise' if noise else ''}{' drop' if drop else ''}"
                 f"{' flat' if flat else ''}")
-        exec(compile(src, f"<nos_gym.fused_batched {name}>", "exec"), namespace)  # noqa: S102 -- generated here
+        exec(compile(src, f"<nos_gym.engine.fused_batched {name}>", "exec"), namespace)  # noqa: S102 -- generated here
         self.fn: Callable = namespace["step"]
         self.source = src
         self._compiled: Callable | None = None
@@ -214,7 +214,7 @@ class BatchedCode:
 
     def ready(self, dtype: torch.dtype, device: torch.device) -> bool:
         """Compile for (dtype, device) if not yet done (on dummies of sizes no real batch
-        is likely to share); False where compiling fails (warned once, by ``nos_gym.fused``).
+        is likely to share); False where compiling fails (warned once, by ``nos_gym.engine.fused``).
 
         The thread count is part of dynamo's guards: after ``torch.set_num_threads`` the
         step compiles again (its graph, once per count), here on the dummies."""
@@ -240,7 +240,7 @@ class BatchedCode:
         return True
 
     def _dummy_args(self, dtype: torch.dtype, device: torch.device) -> tuple:
-        # sizes no real batch is likely to share, so that no size is specialised (see nos_gym.fused)
+        # sizes no real batch is likely to share, so that no size is specialised (see nos_gym.engine.fused)
         B, D, n = 67, 37, 5
         shape = (B * D,) if self.flat else (B, D)
         g, w = (torch.zeros(shape, dtype=dtype, device=device) for _ in range(2))
@@ -278,7 +278,7 @@ def opcode_row(program: Program, depth: int) -> tuple[list[int], list[float], li
     side j = 2k + s its clip level (1 where none) and drop rate (0 where none), and the draw
     site of its drop and of its noise read (-1: none; the right side of a keep group draws
     nothing, it is never read). Kept with the Program object, per depth (as its other cached
-    properties are): ``BatchedTables`` and the native kernel's tables (``nos_gym.native``)
+    properties are): ``BatchedTables`` and the native kernel's tables (``nos_gym.engine.native``)
     are both made of these rows."""
     cache = program.__dict__.setdefault("_opcode_rows", {})
     row = cache.get(depth)

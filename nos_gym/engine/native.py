@@ -3,10 +3,10 @@
 The Rosenbrock task trains ~12,000 independent rows of 2 numbers for 4,000 steps. Torch's
 executors (``BatchedRule``, fused or not) run each step as one or more passes over all rows,
 so a step costs ~100-170 us however little work it holds, and every element of the fused
-kernel computes every branch. Here (``nos_gym/csrc/rosenbrock_native.cpp``) the time loop
+kernel computes every branch. Here (``nos_gym/engine/csrc/rosenbrock_native.cpp``) the time loop
 runs *inside* the kernel: a work item (a rule at up to 4 learning rates; a stochastic
 rule's draws packed side by side) keeps its state in L1 for all 4,000 steps and is
-interpreted from its opcode table (``nos_gym.fused_batched``'s numbering) once per step for
+interpreted from its opcode table (``nos_gym.engine.fused_batched``'s numbering) once per step for
 all its lanes, computing only what the rule reads. ``rule_tables`` builds the tables,
 ``rosenbrock_run`` runs them; ``RosenbrockTask(executor="native")`` is the user.
 
@@ -26,7 +26,7 @@ kernel for SSE2, AVX2 and the host and compares). Torch's executors differ from 
 from each other between ``ATEN_CPU_CAPABILITY`` builds) in the last ulp of exp, log and
 sqrt, which chaotic trajectories amplify, so the Rosenbrock task's fingerprint names its
 executor and scores never mix; rules without those functions follow ``BatchedRule``
-bit for bit on AVX2/AVX-512 machines. Random draws follow ``nos_gym.random_streams``
+bit for bit on AVX2/AVX-512 machines. Random draws follow ``nos_gym.engine.random_streams``
 operation for operation (drop masks bit-identical; noise too, except where torch's sqrt
 is 1 ulp off).
 
@@ -147,7 +147,7 @@ def build(arch: str = "native", directory: Path | None = None, source: Path = SO
 
 
 class NativeLibrary:
-    """A C++ source of ``nos_gym/csrc``, built for ``-march=arch`` on first use and loaded with
+    """A C++ source file, built for ``-march=arch`` on first use and loaded with
     ctypes (``setup`` checks its ABI and declares its functions): ``self(arch)`` is the library,
     or None where it cannot be built (``warning`` is issued once, with ``fallback`` saying what
     runs instead) or ``NOS_GYM_NATIVE=0``. Other ``arch`` values than "native" are for tests,
@@ -271,10 +271,10 @@ def rosenbrock_run(tables: dict[str, np.ndarray], learning_rates: Sequence[float
 
 def rule_tables(programs: Sequence, seeds: Sequence[int]) -> dict[str, np.ndarray]:
     """The kernel's per-instance tables for ``programs`` (one rule instance each) with
-    stream seeds ``seeds``: the opcodes of ``nos_gym.fused_batched`` (the same numbering),
+    stream seeds ``seeds``: the opcodes of ``nos_gym.engine.fused_batched`` (the same numbering),
     each drop's and each noise read's site key ``H(seed, site)``."""
-    from nos_gym.fused_batched import opcode_row
-    from nos_gym.random_streams import hash64
+    from nos_gym.engine.fused_batched import opcode_row
+    from nos_gym.engine.random_streams import hash64
 
     depth = max(p.depth for p in programs)
     rows = [opcode_row(p, depth) for p in programs]

@@ -16,10 +16,10 @@ names to paper notation). Two executors use them:
   "bank" of every base operand any row reads, then per group one gather (both sides of
   every row, ordered by unary), one call per unary token, one gather into the binary's
   order and one call per binary token. A step costs a fixed number of kernels per
-  distinct token, whatever B is. What runs where is a ``Plan`` (``nos_gym.rule_plan``,
+  distinct token, whatever B is. What runs where is a ``Plan`` (``nos_gym.engine.step_plan``,
   built from the programs' tokens alone); ``BatchedRule`` binds it to tensors and runs it.
   ``BatchedRule(fused=...)`` can instead run each step as one compiled kernel that reads
-  the rules' tokens as per-row opcodes (``nos_gym.fused_batched``).
+  the rules' tokens as per-row opcodes (``nos_gym.engine.fused_batched``).
 
 Operand definitions (section 4.1, hyperparameters of section 4.2):
 
@@ -28,8 +28,8 @@ Operand definitions (section 4.1, hyperparameters of section 4.2):
 - ``ADAM = m / (sqrt(v) + eps)``, ``RMSProp = g / (sqrt(v) + eps)``;
 - ``noise``: fresh N(0, ``Hyper.noise_std``^2) each step and each read; ``drop(x, p)``:
   zero each entry with probability p (no rescaling; an inf entry too). Both come from the
-  rule's own counter-based stream (``nos_gym.random_streams``): the value at step t, draw
-  site s (``nos_gym.rule_plan.draw_sites``) and element i is a fixed function of (the rule's
+  rule's own counter-based stream (``nos_gym.engine.random_streams``): the value at step t, draw
+  site s (``nos_gym.engine.step_plan.draw_sites``) and element i is a fixed function of (the rule's
   stream seed, t, s, i), so both executors, every batch and every position in it draw the
   same numbers for a rule. The element index is the column of a ``BatchedRule`` row, and
   for ``apply_rule`` over a list of tensors the offset of the entry in the tensors laid end
@@ -49,7 +49,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from nos_gym import fused as _fused
 from nos_gym.dsl.program import Program
 from nos_gym.dsl.vocabulary import (
     BETA1,
@@ -66,7 +65,8 @@ from nos_gym.dsl.vocabulary import (
     is_result_operand,
     result_index,
 )
-from nos_gym.random_streams import (
+from nos_gym.engine import fused as _fused
+from nos_gym.engine.random_streams import (
     counters,
     hash64,
     normal,
@@ -76,7 +76,7 @@ from nos_gym.random_streams import (
     stream_seed,
     uniform,
 )
-from nos_gym.rule_plan import FAMILIES, Draw, Plan, build_plan, draw_sites, needed_averages, pad_program
+from nos_gym.engine.step_plan import FAMILIES, Draw, Plan, build_plan, draw_sites, needed_averages, pad_program
 
 __all__ = ["BINARY_FUNCTIONS", "SEMANTICS_VERSION", "UNARY_FAMILIES", "UNARY_FUNCTIONS", "BatchedRule", "Draws",
            "Hyper", "Inputs", "Plan", "RuleState", "advance_averages", "apply_rule", "build_plan", "clip_",
@@ -261,7 +261,7 @@ UNARY_FUNCTIONS: dict[str, Callable[[Values, Values | None], None]] = {
     **{name: (lambda x, u, p=rate: drop_(x, p, u)) for name, rate in DROP_RATES.items()},
 }
 
-#: unary tokens that differ only in a constant (``nos_gym.rule_plan.FAMILIES``): the batched
+#: unary tokens that differ only in a constant (``nos_gym.engine.step_plan.FAMILIES``): the batched
 #: executor runs each family as one call with a per-row constant. Per family: (function of
 #: the values, the argument and the drop's uniforms; the argument made from a column of
 #: per-row constants of the data's dtype)
@@ -398,7 +398,7 @@ class BatchedRule:
     per-slot constant). A second gather puts the left and right sides in the binary's
     order; each binary is one in-place call on fixed views. A step therefore costs a fixed
     number of kernels per distinct token, whatever B is. ``self.plan`` (a
-    ``nos_gym.rule_plan.Plan``, built from the tokens alone) says which row goes where and
+    ``nos_gym.engine.step_plan.Plan``, built from the tokens alone) says which row goes where and
     which call runs on which rows; the first ``update`` of each row width, dtype and device
     binds it to tensors (the bank, the buffers, their views, the list of calls).
 
@@ -409,7 +409,7 @@ class BatchedRule:
     Programs may have different depths (shorter ones are padded with pass-through groups).
 
     Random draws: row i draws ``drop`` and ``noise`` from its own counter-based stream
-    (``nos_gym.random_streams``), with stream seed ``seeds[i]``: its numbers at step t,
+    (``nos_gym.engine.random_streams``), with stream seed ``seeds[i]``: its numbers at step t,
     draw site s and column j depend on (``seeds[i]``, t, s, j) only, not on the batch, the
     row's position in it or the other rows, and ``NOSOptimizer`` draws the same ones for
     that program and stream seed. Without ``seeds``, row i's stream seed is
@@ -417,7 +417,7 @@ class BatchedRule:
     ``seed``); ``generator`` (the old interface) stands for ``seed=generator.initial_seed()``.
     The draws of a block of steps are computed at once (``_Executor``).
 
-    ``fused``: the fused path (``nos_gym.fused_batched``): the programs' tokens become
+    ``fused``: the fused path (``nos_gym.engine.fused_batched``): the programs' tokens become
     per-row opcode tables and one kernel, compiled once per code shape (depth, averages
     kept, noise, drop; not per batch), computes every row's step: one kernel per step
     instead of a few per distinct token. Same arithmetic, same draws; exp and log round
@@ -691,11 +691,11 @@ def _join_shapes(a: tuple, b: tuple) -> tuple:
 
 
 class _FusedExecutor:
-    """``BatchedRule``'s fused path (``nos_gym.fused_batched``) bound to rows of ``width``
+    """``BatchedRule``'s fused path (``nos_gym.engine.fused_batched``) bound to rows of ``width``
     numbers of one dtype on one device: the per-row opcode tables, the noise generator."""
 
     def __init__(self, rule: BatchedRule, width: int, dtype: torch.dtype, device: torch.device):
-        from nos_gym import fused_batched as fb
+        from nos_gym.engine import fused_batched as fb
 
         self.key = (width, dtype, device)
         self.hyper = rule.hyper
@@ -751,7 +751,7 @@ class _FusedExecutor:
 
 #: the fused path's steps of fewer entries than this run on one CPU thread (``_FusedExecutor.threads``)
 FUSED_PARALLEL_FROM = 1 << 16
-#: the fused path's rows narrower than this run with per-entry tables (``flat``; see ``nos_gym.fused_batched``)
+#: the fused path's rows narrower than this run with per-entry tables (``flat``; see ``nos_gym.engine.fused_batched``)
 FUSED_FLAT_BELOW = 16
 #: ``BatchedRule(fused=None)`` takes the fused path for rows at least this wide (the per-row
 #: tables; narrower rows take it only with ``fused=True``) in batches of at least this many entries

@@ -10,7 +10,7 @@ the number of rules in flight -- every draw is a fixed function of four integers
 - **step**: the optimizer's step count t = 1, 2, ... (state that both executors keep and resume);
 - **draw site**: which ``drop``/``noise`` token of the rule is drawing; numbered on the
   rule's canonical form, so that equivalent programs draw the same numbers
-  (``nos_gym.rule_plan.draw_sites``);
+  (``nos_gym.engine.step_plan.draw_sites``);
 - **element index**: the position of the entry in the rule's flat parameter vector (a
   column of a ``BatchedRule`` row; for ``NOSOptimizer``, the offset over its parameters in
   order, see ``nos_gym.optim``).
@@ -43,7 +43,7 @@ each shift is masked, and multiplication wraps modulo 2^64, as intended).
   2.14.1), 15.7% of float32 results are 1 ulp off the IEEE value, the same under every
   ``ATEN_CPU_CAPABILITY`` and at every position in a tensor (so a value is the same in any
   batch on that machine), but it may round differently on another CPU. The native
-  Rosenbrock kernel (``nos_gym/csrc``) follows these operations with IEEE ``sqrt``, so its
+  Rosenbrock kernel (``nos_gym/engine/csrc``) follows these operations with IEEE ``sqrt``, so its
   normals can differ from these in the last bit. ``noise`` is ``normal * noise_std``.
 
 Everything here is vectorised: a whole block of (steps, draw rows, elements) is one

@@ -90,91 +90,28 @@ from __future__ import annotations
 import bisect
 import math
 import time
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from nos_gym.dsl import Program
 from nos_gym.tasks.base import Result
-from nos_gym.tasks.grouped import train_children
+from nos_gym.tasks.convnet.grouped import train_children
+from nos_gym.tasks.convnet.protocol import Protocol, rung_plan
 
-if TYPE_CHECKING:  # convnet imports this module; this one only needs its types
-    from nos_gym.tasks.convnet import ConvNetTask, Protocol
-
-__all__ = ["Final", "Hurdle", "Sweep", "check_fidelity", "evaluate_group", "kendall_tau", "run_final", "run_sweep",
-           "rung_plan"]
-
-SCHEDULES = ("fixed", "halving")
+__all__ = ["FidelityTask", "Final", "Hurdle", "Sweep", "evaluate_group", "kendall_tau", "run_final", "run_sweep"]
 
 
-# ----------------------------------------------------------------------------- schedule
-def auto_rungs(n_rates: int, eta: int) -> int:
-    """Rungs of a halving sweep when ``rungs`` is None: halve while at least 2 rates would remain."""
-    k = 1
-    while math.ceil(n_rates / eta ** k) >= 2:
-        k += 1
-    return k
+class FidelityTask(typing.Protocol):
+    """What the stages here need of a task (``ConvNetTask`` has it): its protocol, its data,
+    its precision and each program's random stream seed."""
 
+    protocol: Protocol
+    data: Any
+    precision: str
 
-def rung_plan(n_rates: int, sweep_steps: int, schedule: str = "fixed", eta: int = 3,
-              rungs: int | None = None) -> list[tuple[int, int]]:
-    """(rates kept per rule, minibatches trained to) of each sweep rung; the last ends at ``sweep_steps``.
-
-    >>> rung_plan(5, 50, "halving", 3)
-    [(5, 17), (2, 50)]
-    >>> rung_plan(7, 100, "fixed")
-    [(7, 100)]
-    """
-    if schedule == "fixed":
-        return [(n_rates, sweep_steps)]
-    k = rungs if rungs is not None else auto_rungs(n_rates, eta)
-    return [(max(1, math.ceil(n_rates / eta ** r)), math.ceil(sweep_steps / eta ** (k - 1 - r))) for r in range(k)]
-
-
-def check_fidelity(p: Protocol) -> None:
-    """Validate (and normalise) the multi-fidelity fields of ``p``; ValueError names the bad one."""
-    if p.schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {p.schedule!r}")
-    for name, low in (("eta", 2), ("rungs", 1), ("hurdle_warmup", 0)):
-        value = getattr(p, name)
-        if name == "rungs" and value is None:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    for name, lo, hi in (("hurdle", 0.0, 1.0), ("hurdle_quantile", 0.0, 1.0)):
-        value = getattr(p, name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (lo <= float(value) <= hi):
-            raise ValueError(f"{name} must be a number in [{lo:g}, {hi:g}] or None, got {value!r}")
-        object.__setattr__(p, name, float(value))
-    if p.final_hurdle is not None:
-        value = p.final_hurdle
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= float(value) <= 1.0):
-            raise ValueError(f"final_hurdle must be a number in [0, 1] (the validation accuracy a rule needs at the "
-                             f"final training's checkpoint) or None, got {value!r}")
-        object.__setattr__(p, "final_hurdle", float(value))
-    if p.final_rung is not None:
-        if p.final_hurdle is None:
-            raise ValueError("final_rung (the final training's checkpoint) applies with final_hurdle only")
-        value = p.final_rung
-        if isinstance(value, bool) or not isinstance(value, int) or value < p.batch_size or value % p.batch_size:
-            raise ValueError(f"final_rung must be a whole number of minibatches of the final training, in images: "
-                             f"a positive multiple of batch_size {p.batch_size}, got {value!r}")
-    if p.final_hurdle is not None and p.final_rung_images >= p.final_images:
-        raise ValueError(f"final_rung must be fewer images than the final training's {p.final_images:,}, got "
-                         f"{p.final_rung_images:,}" + ("" if p.final_rung is not None else
-                                                       " (the default: final images / eta); set final_rung"))
-    if p.hurdle is not None and p.hurdle_quantile is not None:
-        raise ValueError("set hurdle (a fixed threshold) or hurdle_quantile (a rolling one), not both")
-    if p.schedule == "fixed" and p.rungs is not None:
-        raise ValueError("rungs applies to schedule='halving' only")
-    steps = (p.sweep_examples // p.batch_size) * p.sweep_epochs
-    plan = rung_plan(len(p.lrs), steps, p.schedule, p.eta, p.rungs)
-    stops = [s for _, s in plan]
-    if any(b <= a for a, b in zip(stops, stops[1:])):
-        raise ValueError(f"the sweep ({steps} minibatches) is too short for {len(plan)} rungs with eta {p.eta}: "
-                         f"rung ends {stops}; use fewer rungs or a longer sweep")
+    def stream_seeds(self, programs: Sequence[Program], draws: Sequence[int] | None = None) -> list[int]: ...
 
 
 # ----------------------------------------------------------------------------- hurdle
@@ -247,17 +184,17 @@ class Final:
     rung_images: int | None = None
 
 
-def _common(task: ConvNetTask) -> dict[str, Any]:
+def _common(task: FidelityTask) -> dict[str, Any]:
     p = task.protocol
     return dict(batch_size=p.batch_size, seed=p.seed, filters=p.filters, precision=task.precision)
 
 
-def _seeds(task: ConvNetTask, programs: Sequence[Program], draws: Sequence[int] | None) -> list[int] | None:
+def _seeds(task: FidelityTask, programs: Sequence[Program], draws: Sequence[int] | None) -> list[int] | None:
     """Each program's random stream seed (``ConvNetTask.stream_seeds``), as the fixed protocol uses them."""
     return task.stream_seeds(programs, draws) if hasattr(task, "stream_seeds") else None
 
 
-def run_sweep(task: ConvNetTask, programs: Sequence[Program], draws: Sequence[int] | None = None) -> list[Sweep]:
+def run_sweep(task: FidelityTask, programs: Sequence[Program], draws: Sequence[int] | None = None) -> list[Sweep]:
     """The rate sweep of ``task.protocol`` (fixed or by successive halving) for ``programs``, as one group
     per rung; ``draws``: the draw index of each program's random stream (default 0)."""
     p, data = task.protocol, task.data
@@ -310,7 +247,7 @@ def run_sweep(task: ConvNetTask, programs: Sequence[Program], draws: Sequence[in
     return out
 
 
-def run_final(task: ConvNetTask, programs: Sequence[Program], lrs: Sequence[float],
+def run_final(task: FidelityTask, programs: Sequence[Program], lrs: Sequence[float],
               draws: Sequence[int] | None = None) -> list[Final]:
     """The final training of ``programs`` at ``lrs`` (from the initial weights), as one group.
 
@@ -347,7 +284,7 @@ def run_final(task: ConvNetTask, programs: Sequence[Program], lrs: Sequence[floa
     return out
 
 
-def evaluate_group(task: ConvNetTask, programs: list[Program], draws: Sequence[int] | None = None) -> list[Result]:
+def evaluate_group(task: FidelityTask, programs: list[Program], draws: Sequence[int] | None = None) -> list[Result]:
     """``ConvNetTask._evaluate_group`` for a multi-fidelity protocol: sweep, hurdle, final training (with
     the final hurdle at its checkpoint, if set)."""
     t0 = time.perf_counter()

@@ -17,7 +17,7 @@ On a CPU the network runs child by child instead (``GroupedConvNet._per_child``)
 one-child passes, each child's activations small enough to stay in cache, beat one
 grouped convolution there; the weights, the rule's update and the loss stay one (B, P)
 tensor and one call. Each batch norm + max-pool + ReLU block is one native kernel on a
-CPU (``nos_gym.tasks.child_native``), torch's operators on CUDA.
+CPU (``nos_gym.tasks.convnet.native``), torch's operators on CUDA.
 
 A child whose loss or weights become non-finite is frozen (its row is zeroed and no
 longer updated) without a host sync; the group stops early once every child is frozen.
@@ -27,7 +27,7 @@ gradients, batch-norm statistics and the rules stay in fp32: the same code on CP
 
 In fp32 the grouped network computes what B separate ``ChildNet`` s trained with
 ``NOSOptimizer`` compute, up to float rounding (tests/test_convnet.py checks B=4).
-Rules with ``drop``/``noise`` draw from their own streams (``nos_gym.random_streams``):
+Rules with ``drop``/``noise`` draw from their own streams (``nos_gym.engine.random_streams``):
 child i's draws depend on its stream seed (``stream_seeds[i]``) and not on the group, and
 a lone ``ChildNet`` trained by ``NOSOptimizer`` with that rule, seed and draw draws the same
 numbers (its parameters laid end to end are the row's layout).
@@ -46,9 +46,9 @@ from torch import Tensor, nn
 
 from nos_gym.data import Split, normalize
 from nos_gym.dsl import Program
-from nos_gym.rules import BatchedRule, Hyper, RuleState
-from nos_gym.tasks.child import batch_order, init_child, layout
-from nos_gym.tasks.child_native import bn_relu_pool, native_applies
+from nos_gym.engine.rules import BatchedRule, Hyper, RuleState
+from nos_gym.tasks.convnet.native import bn_relu_pool, native_applies
+from nos_gym.tasks.convnet.network import batch_order, init_child, layout
 
 BN_MOMENTUM, BN_EPS = 0.1, 1e-5  # nn.BatchNorm2d's defaults, as in ChildNet
 
@@ -154,7 +154,7 @@ class GroupResult(NamedTuple):
 
     ``rule``, ``state`` and ``alive`` (B, 1) are where training stopped: with ``net`` they let
     ``train_children(..., resume=result.select(rows))`` continue some of the children
-    (successive halving, ``nos_gym.tasks.fidelity``).
+    (successive halving, ``nos_gym.tasks.convnet.fidelity``).
     """
 
     accuracy: Tensor
@@ -238,7 +238,7 @@ def train_children(programs: Sequence[Program], lrs: Sequence[float] | Tensor, t
     ``resume`` (an earlier result, or ``result.select(rows)`` of one, for these ``programs``)
     continues its children -- weights, batch-norm statistics, rule state, frozen children --
     instead of starting from ``init``. Training steps ``(0, a)`` and then, resumed,
-    ``(a, b)`` computes what ``(0, b)`` does (successive halving, ``nos_gym.tasks.fidelity``).
+    ``(a, b)`` computes what ``(0, b)`` does (successive halving, ``nos_gym.tasks.convnet.fidelity``).
     """
     b = len(programs)
     if b == 0:
