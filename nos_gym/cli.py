@@ -410,7 +410,7 @@ def cmd_tabulate(argv: list[str]) -> int:
 def cmd_bench(argv: list[str]) -> int:
     """Show a NOS-Bench table (how it was made, its rewards, its best rules) or export it as CSV."""
     from nos_gym import bench
-    from nos_gym.bench.report import summary
+    from nos_gym.bench.report import plot, summary
 
     p = argparse.ArgumentParser(prog="nos-gym bench", description="Show a NOS-Bench table, or export it as CSV.")
     p.add_argument("table", nargs="?", default=None, help=f"a table's name or file (default {bench.DEFAULT})")
@@ -418,6 +418,8 @@ def cmd_bench(argv: list[str]) -> int:
     p.add_argument("--hurdle", type=float, default=None, help="also say which rules this sweep hurdle cuts")
     p.add_argument("--csv", default=None, metavar="OUT.csv", help="write the rows as a plain CSV (and OUT.json)")
     p.add_argument("--list", action="store_true", help="list the tables shipped with this installation")
+    p.add_argument("--plot", default=None, metavar="OUT.png",
+                   help="also plot the reward distribution and the sweep against the reward (with --hurdle)")
     a = p.parse_args(argv)
     if a.list:
         print("\n".join(bench.available()) or f"no tables in {bench.TABLES_DIR}")
@@ -427,6 +429,8 @@ def cmd_bench(argv: list[str]) -> int:
         print(f"{table.to_csv(a.csv)}: {len(table):,} rows; metadata in {Path(a.csv).with_suffix('.json')}")
         return 0
     print(summary(table, a.top, a.hurdle))
+    if a.plot:
+        print(f"plot: {plot(table, a.plot, a.hurdle)}")
     return 0
 
 

@@ -20,7 +20,7 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 import nos_gym
 from nos_gym import bench
 from nos_gym.bench import COLUMNS, RuleNotInTableError, TableError, write_table
-from nos_gym.bench.report import hurdle_cuts, summary
+from nos_gym.bench.report import hurdle_cuts, plot, summary
 from nos_gym.cli import main as cli
 from nos_gym.dsl import Masker, get_space, parse, space_sizes
 from nos_gym.evaluation import Evaluator
@@ -336,6 +336,14 @@ def test_summary_names_the_distribution_the_best_rules_and_a_hurdles_cuts(tmp_pa
     hand = summary(bench.load(hand_table(tmp_path / "h.csv.gz")), hurdle=0.3)
     assert "hurdle 0.3: cuts 1 rules at the sweep; 1 of the 50 best by reward are among them" in hand
     assert cli(["bench", str(standin), "-k", "3"]) == 0 and "small1-rosenbrock" in capsys.readouterr().out
+
+
+def test_the_plot_of_a_table(tmp_path, standin, capsys):
+    out = tmp_path / "rewards.png"
+    assert cli(["bench", str(hand_table(tmp_path / "h.csv.gz")), "--hurdle", "0.3", "--plot", str(out)]) == 0
+    assert f"plot: {out}" in capsys.readouterr().out
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    assert plot(bench.load(standin), str(tmp_path / "s.png")) == str(tmp_path / "s.png")
 
 
 def test_the_bench_package_and_the_bench_env_load_no_torch(standin):

@@ -9,10 +9,12 @@ import numpy as np
 from nos_gym.bench.table import BenchTable
 from nos_gym.dsl import parse
 
-__all__ = ["CHANCE", "hurdle_cuts", "summary"]
+__all__ = ["CHANCE", "REFERENCES", "hurdle_cuts", "plot", "summary"]
 
 #: rewards below this count as "at chance" (CIFAR-10 has 10 classes; the pilot's line was 0.15)
 CHANCE = 0.15
+#: rules marked on the plots where the table has them
+REFERENCES = ("ADAM", "g", "m", "RMSProp", "exp(sign(g) * sign(m)) * g", "(1 + sign(g) * sign(m)) * g")
 
 
 def hurdle_cuts(table: BenchTable, hurdle: float) -> list[dict[str, Any]]:
@@ -64,3 +66,59 @@ def summary(table: BenchTable, top: int = 10, hurdle: float | None = None, refer
                       f"reward are among them" + (":" if cut50 else "")]
         lines += [f"        {r['reward']:.4f} (sweep {r['sweep_accuracy']:.4f})  {r['rule']}" for r in cut50]
     return "\n".join(lines)
+
+
+def plot(table: BenchTable, path: str, hurdle: float | None = None) -> str:
+    """Two panels saved to ``path``: the reward distribution of the table's rules (how they were
+    scored: trained, or settled by the screen or a behaviour twin), and each trained rule's
+    reward against its sweep accuracy, with ``hurdle`` (if given) as the line a sweep hurdle
+    would cut at. The reference rules of ``REFERENCES`` that the table has are marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(table.rows.values())
+    trained = [r for r in rows if r["source"] == "trained" and r["sweep_accuracy"] is not None]
+    if trained:  # a task with a rate sweep (the ConvNet's): two panels
+        fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    else:
+        fig, left = plt.subplots(figsize=(6.5, 4.5))
+        right = None
+    bins = np.linspace(0.0, max(r["reward"] for r in rows) + 0.01, 50)
+    groups = [("trained", [r["reward"] for r in rows if r["source"] == "trained"]),
+              ("behaviour twin of a trained rule", [r["reward"] for r in rows if r["source"] == "fingerprint"]),
+              ("screened", [r["reward"] for r in rows if r["source"] == "screen"])]
+    other = [r["reward"] for r in rows if r["source"] not in ("trained", "fingerprint", "screen")]
+    if other:
+        groups.append(("other", other))
+    left.hist([g for _, g in groups], bins=bins, stacked=True, label=[f"{n} ({len(g):,})" for n, g in groups])
+    left.set_yscale("log")
+    left.set_xlabel("reward")
+    left.set_ylabel("rules")
+    left.set_title(f"{table.name}: {len(table):,} canonical rules")
+    if right is not None:
+        right.scatter([r["sweep_accuracy"] for r in trained], [r["reward"] for r in trained], s=4, alpha=0.4)
+        right.set_xlabel("best sweep accuracy")
+        right.set_ylabel("reward")
+        right.set_title("trained rules: the sweep against the reward")
+    if right is not None and hurdle is not None:
+        right.axvline(hurdle, color="red", lw=1, ls="--", label=f"hurdle {hurdle:g}")
+    for rule in REFERENCES:
+        row = table.rows.get(parse(rule).canonical_key)
+        if row is None:
+            continue
+        left.axvline(row["reward"], color="black", lw=0.8, ls=":")
+        left.annotate(rule if len(rule) < 14 else rule[:12] + "..", (row["reward"], 1), rotation=90, fontsize=7,
+                      va="bottom", ha="right")
+        if right is not None and row["sweep_accuracy"] is not None:
+            right.scatter([row["sweep_accuracy"]], [row["reward"]], color="black", s=14, marker="x")
+            right.annotate(rule if len(rule) < 14 else rule[:12] + "..", (row["sweep_accuracy"], row["reward"]),
+                           fontsize=7)
+    left.legend(fontsize=8, loc="upper right")
+    if right is not None and hurdle is not None:
+        right.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
