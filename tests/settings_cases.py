@@ -79,6 +79,8 @@ CASES: list[tuple[str, list[str], dict[str, Any]]] = [
     ("trpo_lstm", ["--config", "{tmp}/c.yaml"], {"c.yaml": HYBRID}),
     ("trpo_lstm", ["--config", "{tmp}/c.yaml", "--preset", "pqt"], {"c.yaml": HYBRID}),
     ("trpo_lstm", ["--config", "{tmp}/c.yaml", "--evolution-fraction", "0.2"], {"c.yaml": HYBRID}),
+    ("trpo_lstm", ["--preset", "", "--config", "{tmp}/c.yaml"], {"c.yaml": HYBRID}),
+    ("trpo_lstm", ["--config", "{tmp}/a.yaml", "--config", "{tmp}/c.yaml"], {"a.yaml": "max_kl: 0.5\n", "c.yaml": HYBRID}),
     # ---- the repository's config files, and files with flags on top
     *[("trpo_lstm", ["--config", str(ROOT / "configs" / name)], {})
       for name in ("rosenbrock.yaml", "paper.yaml", "cifar_cpu.yaml", "cifar_gpu.yaml")],
@@ -155,6 +157,12 @@ CASES: list[tuple[str, list[str], dict[str, Any]]] = [
     ("random_search", ["--preset", "paper"], {}),
     ("random_search", ["--seed"], {}),
     ("random_search", ["extra"], {}),
+    ("trpo_lstm", ["--no-rebuild"], {}),
+    ("trpo_lstm", ["--config", "{tmp}/missing.yaml", "--max-kl", "big"], {}),
+    ("trpo_lstm", ["--resume", "{tmp}/nowhere", "--depth", "x"], {}),
+    # ---- help (on stdout), before any file is read
+    *[(agent, ["--help"], {}) for agent in AGENTS],
+    ("trpo_lstm", ["--config", "{tmp}/missing.yaml", "--help"], {}),
 ]
 
 
