@@ -99,7 +99,7 @@ def test_convnet_scores_a_stochastic_rule_the_same_alone_in_a_group_and_in_a_wor
     alone = make("convnet-cifar10", rules_per_group=1, **CI).evaluate([rule])[0]
     grouped = make("convnet-cifar10", rules_per_group=3, **CI).evaluate(group)  # one group: 6 + 3 children
     _same(grouped[2], alone)
-    assert alone.metrics["draws"] == 1  # the convnet task's default: see the README
+    assert alone.metrics["draws"] == 1  # the convnet task's default: see docs/guarantees.md
     with Evaluator("convnet-cifar10", backend="process", workers=1, job_size=2, rules_per_group=2,
                    **PLAIN, **CI) as ev:
         in_worker = ev.evaluate([rule, parse("m")])[0]  # first of its group now

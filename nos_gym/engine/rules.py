@@ -424,12 +424,10 @@ class BatchedRule:
     as inductor's vector code does (within 1 ulp of ATen's), so trajectories agree to
     rounding, not bit for bit. ``False``: today's executor. ``True``: fused whatever the
     size. ``None`` (default): fused when rows have at least ``FUSED_MIN_WIDTH`` (16)
-    numbers and the batch at least ``FUSED_MIN_NUMEL`` (2^19) in all, on CPU or CUDA.
-    Chosen by measurement (``benchmarks/rule_throughput.py`` part (c), 1,024 random
-    depth-2 rules, float32, 1 thread, a loaded 2-core EPYC): fused per step is 1.7x
-    today's speed on rows of 2 (per-entry tables), 1.8x on rows of 100 and 2.7x on rows of
-    1,000; but a cold compile costs 10-60 s (0.1-3 s from inductor's disk cache), which
-    pays back only where a step saves milliseconds, i.e. on big batches. Where compiling fails, ``None`` and ``True`` warn
+    numbers and the batch at least ``FUSED_MIN_NUMEL`` (2^19) in all, on CPU or CUDA: the
+    fused step is faster per step, but a cold compile takes seconds, which pays back
+    only where a step saves milliseconds, i.e. on big batches (``benchmarks/rule_throughput.py``
+    part (c); the measurement is in docs/results.md, "The rule engine"). Where compiling fails, ``None`` and ``True`` warn
     once (``FusedUnavailableWarning``) and run today's executor. The tasks pass ``False``:
     their stored scores were computed by today's executor (``RosenbrockTask(fused=True)``
     opts in, under a fingerprint of its own). ``fused`` says which path the last update took.
@@ -534,7 +532,7 @@ _COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 
 def _wide_rows(t: Tensor) -> Tensor:
     """``t``'s rows as half as many complex numbers: a row gather then moves half as many
-    items (3.5x faster for the Rosenbrock task's 2-number rows). Same bytes, same values."""
+    items (much faster for the Rosenbrock task's 2-number rows). Same bytes, same values."""
     if t.dim() == 2 and t.shape[1] % 2 == 0 and t.dtype in _COMPLEX_OF and t.stride(1) == 1 and t.stride(0) == t.shape[1]:
         wide = t.view(_COMPLEX_OF[t.dtype])
         return wide.view(-1) if wide.shape[1] == 1 else wide  # 1-D: index_select's fast path
@@ -730,8 +728,8 @@ class _FusedExecutor:
     @contextlib.contextmanager
     def threads(self, grad: Tensor):
         """One CPU thread for small steps. inductor's CPU kernel runs an OpenMP team whatever
-        the size, and on a busy machine a team of 2 waiting for a core stalled a step of a
-        few thousand entries for ~10 ms (ATen's kernels stay serial below 32k entries)."""
+        the size, and on a busy machine a team waiting for a core can stall a small step for
+        far longer than the step takes (ATen's kernels stay serial below 32k entries)."""
         n = torch.get_num_threads()
         if n == 1 or grad.device.type != "cpu" or grad.numel() >= FUSED_PARALLEL_FROM:
             yield
@@ -755,7 +753,7 @@ FUSED_PARALLEL_FROM = 1 << 16
 FUSED_FLAT_BELOW = 16
 #: ``BatchedRule(fused=None)`` takes the fused path for rows at least this wide (the per-row
 #: tables; narrower rows take it only with ``fused=True``) in batches of at least this many entries
-#: (where a step saves ~15 ms or more: a compile of seconds pays back; see ``BatchedRule``)
+#: (where a step saves enough for a compile of seconds to pay back; see ``BatchedRule``)
 FUSED_MIN_WIDTH = FUSED_FLAT_BELOW
 FUSED_MIN_NUMEL = 1 << 19
 

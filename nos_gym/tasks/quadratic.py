@@ -40,7 +40,7 @@ from nos_gym.tasks.base import check_draws
 from nos_gym.tasks.grid import LossGridTask
 
 #: evaluations a stochastic rule's reward averages. 1, by measurement: the task's own
-#: gradient noise dominates, and a rule's draws move its reward by sd <= 0.004 (README)
+#: gradient noise dominates a rule's draws (docs/guarantees.md, docs/results.md)
 DRAWS = 1
 
 

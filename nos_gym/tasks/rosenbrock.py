@@ -63,7 +63,7 @@ START: tuple[float, float] = (-1.2 - math.sqrt(2.0) / 100, 1.0 + math.sqrt(3.0) 
 LEARNING_RATES: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
 ITERATIONS = 4000
 LOSS_FLOOR = 1e-12
-#: evaluations a stochastic rule's reward averages (chosen by measurement: see README)
+#: evaluations a stochastic rule's reward averages (chosen by measurement: docs/guarantees.md)
 DRAWS = 4
 #: the plotted region of Figure 6
 X_RANGE: tuple[float, float] = (-2.0, 2.0)

@@ -16,11 +16,9 @@ with the same reward. Each rung trains all its children -- every rule of the gro
 its kept rates -- as one grouped network. With the defaults (``rungs=None``) the rungs stop
 while at least 2 rates remain: 5 rates, eta 3 give rungs of 5 rates for S/3 and 2 rates for
 S, 3S minibatches instead of 5S; 7 rates give 7 for S/3 and 3 for S (13S/3 instead of 7S).
-Measured on the "cpu" preset (S = 20 minibatches, 200 rules, ``benchmarks/fidelity_quality.py``):
-two rungs pick the fixed sweep's rate for 165/200 rules (2,916 child-images per rule instead
-of 5,000); three (5 rates for 3 minibatches, 2 for 7, 1 for 20; 1,707) for only 108/200 --
-a rung of a few minibatches favours rates that start fast (ADAM at 1e-2 over 1e-3: 0.495
-instead of 0.578) -- so ``rungs`` above the default needs a longer sweep.
+More rungs make the first ones a few minibatches long, which favours rates that start fast,
+so ``rungs`` above the default needs a longer sweep (measured in docs/results.md,
+"Successive halving's rungs and the sweep hurdle").
 
 The hurdle (``hurdle``, or ``hurdle_quantile`` with ``hurdle_warmup``). The final training
 dominates the cost (5 x 45,000 of the paper's 295,000 child-images), so most of the saving
@@ -40,13 +38,10 @@ own history. We resolve it this way:
   fingerprint. A score is then a function of (task, rule): the same on every backend,
   worker count, batch order and resume. The number is calibrated once per preset from a
   quantile of the sweep accuracies of a reference rule set (``benchmarks/fidelity_quality.py``
-  measures it and what it costs in rank agreement). As the searcher improves, more rules pass
-  and the saving shrinks, but no score changes. For "cpu", ``hurdle=0.277`` (the 75th
-  percentile of the sweep accuracies of the first 50 of the reference rules; ADAM's is 0.29,
-  the best rules' 0.29-0.33): on 200 rules (Table 1, mutants, random rules) with
-  ``schedule="halving"`` it trains the final for 54 of them, 36% of the fixed protocol's
-  child-images, with Kendall tau 0.80 and the same top 10 (10/10). Cheaper hurdles cut ADAM-like rules,
-  whose sweep accuracy trails their final one: 0.29 costs 28% and keeps 7/10, 0.30 25% and 6/10.
+  measures it and what it costs in rank agreement; the "cpu" preset's value, 0.277, and its
+  cost are in docs/convnet.md and docs/results.md). As the searcher improves, more rules pass
+  and the saving shrinks, but no score changes. A hurdle set too high cuts Adam-like rules
+  first, as their sweep accuracy trails their final one.
 - ``hurdle_quantile`` (opt-in): AutoML-Zero's rolling quantile, after ``hurdle_warmup`` rules
   let through. The history lives in the task object, so with the process backend every worker
   keeps its own (each sees an interleaved share of the same stream, so their quantiles
@@ -74,12 +69,9 @@ only by float rounding, as grouping does. The threshold is a fixed number, so a 
 the task and the rule only. Results of rules that reached the final training carry
 ``final_rung_accuracy``; all carry ``final_hurdle`` and ``final_rung_images``. Validating at the
 checkpoint costs a validation pass (not child-images, but wall time):
-``benchmarks/fidelity_quality.py --final-rungs`` measures both. On "cpu" (200 rules, thresholds
-from the first 50), ``schedule="halving", hurdle=0.277, final_hurdle=0.396, final_rung=1750``
-(the 75th percentile of the checkpoint accuracies of the 13 of the first 50 rules past the sweep
-hurdle) trains 17 rules to the end: 23% of the fixed protocol's child-images, Kendall tau-b 0.78,
-top-10 8/10 (it drops two sign rules at 0.573-0.575 that sit at 0.38 at the checkpoint, behind
-the Adam-like rules' 0.42); ``final_hurdle=0.372, final_rung=3200`` keeps 10/10 at 29%.
+``benchmarks/fidelity_quality.py --final-rungs`` measures both. An early checkpoint favours
+rules that start fast over slow starters such as the sign rules; the "cpu" preset's
+thresholds and what they cost in ranking are in docs/convnet.md ("What multi-fidelity buys").
 
 ``metrics["child_images"]`` is what a rule actually cost (rungs it reached, final training
 or not); ``metrics["rungs"]`` lists each rung's rates and accuracies.

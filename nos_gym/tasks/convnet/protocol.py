@@ -89,7 +89,7 @@ def check_fidelity(p: Protocol) -> None:
 
 # ------------------------------------------------------------------------- protocol
 PAPER_LRS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
-#: runs of the protocol a stochastic rule's reward averages (chosen by measurement: see README)
+#: runs of the protocol a stochastic rule's reward averages (chosen by measurement: docs/guarantees.md)
 DRAWS = 1
 
 
@@ -263,14 +263,11 @@ PRESETS: dict[str, Protocol] = {
     "fast": Protocol(lrs=(1e-4, 1e-3, 1e-2, 1e-1, 1.0), sweep_examples=5_000, train_examples=20_000,
                      train_epochs=2),
     # two CPU cores: fast's 5 rates on 1,000 examples, ONE epoch of 16,000 at the best, 2,000 for
-    # validation, batch 50: 21,000 child-images (a third of "fast"), ~6 s a rule on one core (~600 rules an
-    # hour). Chosen by measurement (benchmarks/fidelity_quality.py --part preset: 30 deterministic rules,
-    # the 13 of Table 1 and 17 one-token mutants, against "fast"): Kendall tau-b 0.84, top-10 9/10, top-5
-    # 2/5 (the best candidate; 26,000-34,000-image variants with 2 epochs on 8,000-12,000 or 1 on 20,000:
-    # tau 0.72-0.78, top-10 6-8/10; 15,000 images: 0.71, 8/10). One pass over more distinct images ranks
-    # like fast better than more epochs over fewer, which favour Adam-like rules over the sign rules. Seed
-    # noise bounds what any of them can show: the same protocol with seed 1 agrees with its seed-0 self at
-    # tau 0.71 (top-10 6/10) and with fast at 0.66, as the good rules lie within 0.02 of each other. So
+    # validation, batch 50: 21,000 child-images (a third of "fast"). Chosen by measurement: of the
+    # CPU-sized candidates it ranks rules most like "fast" (benchmarks/fidelity_quality.py --part preset;
+    # the study is in docs/results.md, "The cpu preset of the child task"). One pass over more distinct
+    # images ranks like fast better than more epochs over fewer, which favour Adam-like rules over the
+    # sign rules. Seed noise bounds what any small protocol can show, as the good rules lie close together:
     # "cpu" separates working rules from the rest reliably and orders near-equals by chance; promote its
     # leaders to "fast" (nos-gym promote RUN --preset fast). Multi-fidelity form for searches:
     # {preset: cpu, schedule: halving, hurdle: 0.277}, about a third of the child-images (nos_gym.tasks.convnet.fidelity).

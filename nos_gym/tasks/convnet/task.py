@@ -34,8 +34,8 @@ child -- every rule, every rate -- starts from the same weights and sees the sam
 minibatches, so a reward depends on the rule alone. A stochastic rule (drop, noise)
 draws from its own stream (``nos_gym.engine.random_streams``; the same numbers in any group, on
 any backend), and its reward is the mean of ``draws`` runs of the whole protocol, run j
-with stream seed ``stream_seed(Protocol.seed, canonical key, j)`` (default ``DRAWS``: see
-the README for the measurement behind it).
+with stream seed ``stream_seed(Protocol.seed, canonical key, j)`` (default ``DRAWS``: the
+measurement behind it is in docs/guarantees.md).
 
 ``ConvNetTask.evaluate`` trains its rules as one grouped network (``nos_gym.tasks.convnet.grouped``):
 the sweep of B rules is one group of 7B children, the final training one group of B.
