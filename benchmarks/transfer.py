@@ -11,7 +11,7 @@ Optimizers (``OPTIMIZERS``): torch's Adam and SGD with momentum 0.9 (``_common.T
 the package's ``PowerSign`` and ``AddSign`` (defaults: base e / alpha 1, beta 0.9, no sign
 decay), and through ``NOSOptimizer`` the family the searches found, ``drop(RMSProp, 0.3) +
 sign(m)`` and ``RMSProp + sign(m)`` (docs/results.md), and the two rules the searches
-promoted (README, "More child seeds for the two candidates").
+promoted (docs/results.md, "More child seeds for the two candidates").
 
 Tasks (``TASKS``; the sizes are ``SIZES[mode][task]``; ``docs/transfer.md`` states them):
 
