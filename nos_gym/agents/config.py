@@ -1,27 +1,29 @@
 """Agent settings: one dataclass per agent, filled from defaults, a YAML file and flags.
 
 Every agent script declares ``@dataclass class Args(RunArgs)`` with its own settings on
-top of the ones every run shares (``RunArgs``). ``parse_args(Args, argv)`` builds the
-command line from the dataclass, so every setting is a flag (``--max-kl 0.02``), and
-``--config configs/NAME.yaml`` loads a file first (flags given as well win).
+top of the ones every run shares (``RunArgs``). ``parse_args(Args, argv)`` hands the
+dataclass to tyro (https://brentyi.github.io/tyro/), so every setting is a flag
+(``--max-kl 0.02``, ``--no-progress``; ``--max_kl`` too) whose help is the field's docstring,
+and ``--config configs/NAME.yaml`` loads a file first (flags given as well win).
 
 Precedence: dataclass defaults < ``--preset`` (a named bundle of an agent's settings, its ``PRESETS``;
 named by a flag or by the file) < ``--config`` file < flags. With ``--resume RUN_DIR`` the
 run's saved ``config.yaml`` replaces the defaults and the file; only ``RESUME_OVERRIDABLE``
 settings (the budget, the progress bar, threads, top-k, the evaluation time limit, the Ray
-address) may be changed by flags.
+address) may be changed by flags. Files are read with ``yaml.safe_load`` (plain data, never
+objects), and mappings and lists on the command line are YAML/JSON text read the same way.
 
 A bad setting stops at once with a ``ConfigError`` that names the key and what is allowed:
 an unknown key (with the closest known one), a wrong type (a bool is not an int, a string
 is not a bool), a non-finite float (nan, inf), a value out of range, an unknown task,
 search space or agent, task options the task rejects. ``RunArgs.validate()`` checks all of
 it, types included (so settings built in Python are checked too), before a run directory
-exists.
+exists. tyro checks only what it must to read a flag (``--depth 2.5`` is no int): everything
+else is checked here, for flags and files alike, so that both get the same messages.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import math
@@ -31,8 +33,9 @@ import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, TypeVar
 
+import tyro
 import yaml
 
 __all__ = [
@@ -121,6 +124,7 @@ class RunArgs:
     (keys: preset, top, task_options, backend); {}: no promotion"""
     # --- this process -------------------------------------------------------------------
     torch_threads: int = 1
+    """torch threads of this process (``torch.set_num_threads``)"""
     progress: bool = True
     """show a tqdm progress bar"""
 
@@ -509,96 +513,63 @@ def check_agent(data: dict[str, Any], agent: str, where: str) -> None:
                           f"run agents/{named}.py or `nos-gym search --config {where}`")
 
 
-# ----------------------------------------------------------------------------- flags
-def _parse_flag_value(text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise argparse.ArgumentTypeError(f"not valid YAML/JSON: {e}") from e
-
-
-def build_parser(cls: type[RunArgs], prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
-    """An argparse parser with one ``--flag`` per field of ``cls`` (defaults left out on purpose)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     argument_default=argparse.SUPPRESS,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", metavar="FILE.yaml", help="load settings from a YAML file (flags win)")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR where it stopped")
-    parser.add_argument("--rebuild", action="store_true",
-                        help="with --resume, when the run's checkpoint is missing or damaged: continue the run "
-                             "from its log (every record kept; the agent's state restarts from its seed)")
-    hints = _hints(cls)
-    docs = _field_docs(cls)
-    defaults = cls()
-    for f in dataclasses.fields(cls):
-        hint = hints[f.name]
-        flags = [f"--{f.name.replace('_', '-')}"]  # --foo_bar is accepted too (see parse_args)
-        help_text = f"{docs.get(f.name, '')} (default: {getattr(defaults, f.name)!r})".strip()
-        if hint is bool:
-            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
-        elif hint in (int, float, str):
-            parser.add_argument(*flags, dest=f.name, type=_flag_type(f.name, hint), metavar=hint.__name__.upper(),
-                                help=help_text)
-        elif _optional_of(hint) in (int, float):
-            inner = _optional_of(hint)
-            parser.add_argument(*flags, dest=f.name, type=_flag_type(f.name, inner, optional=True),
-                                metavar=f"{inner.__name__.upper()}|none", help=help_text)
-        else:  # dicts, lists, optionals: YAML/JSON text, type-checked afterwards
-            parser.add_argument(*flags, dest=f.name, type=_parse_flag_value, metavar="YAML", help=help_text)
-    return parser
-
-
-def _dashed(arg: str) -> str:
-    """``--max_kl=0.1`` -> ``--max-kl=0.1``: flags may be spelled with underscores, as in the YAML."""
-    if not arg.startswith("--"):
-        return arg
-    name, eq, value = arg.partition("=")
-    return name.replace("_", "-") + eq + value
-
-
+# ------------------------------------------------------------------- the command line (tyro)
 def _optional_of(hint: Any) -> Any:
     """``X`` for a hint ``X | None`` (else None)."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        options = [o for o in typing.get_args(hint) if o is not type(None)]
-        if len(options) == 1 and len(typing.get_args(hint)) == 2:
-            return options[0]
+    options = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(options) == 2 and type(None) in options:
+        return next(o for o in options if o is not type(None))
     return None
 
 
-def _flag_type(name: str, hint: type, optional: bool = False) -> Any:
-    def convert(text: str) -> Any:
-        if optional and text.strip().lower() in ("none", "null", "~"):
-            return None
-        try:
-            return hint(text)
-        except ValueError:
-            allowed = f"{hint.__name__} or none" if optional else hint.__name__
-            raise argparse.ArgumentTypeError(f"--{name.replace('_', '-')} expects {allowed}, got {text!r}") from None
-    convert.__name__ = hint.__name__
-    return convert
+def _yaml_flag(texts: list[str]) -> Any:
+    try:
+        return yaml.safe_load(texts[0])
+    except yaml.YAMLError as e:
+        raise ValueError(f"not valid YAML/JSON: {' '.join(str(e).split())}") from None
 
 
-def _field_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings (the string right after a field) of ``cls`` and its bases."""
-    import ast
-    import inspect
-    import textwrap
+_FLAGS = tyro.constructors.ConstructorRegistry()
 
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if klass is object or not dataclasses.is_dataclass(klass):
-            continue
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        except (OSError, TypeError, SyntaxError):
-            continue
-        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-        for node, nxt in zip(body, body[1:]):
-            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                    and isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant)
-                    and isinstance(nxt.value.value, str)):
-                docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
+
+@_FLAGS.primitive_rule
+def _flag_rule(info: tyro.constructors.PrimitiveTypeInfo) -> tyro.constructors.PrimitiveConstructorSpec | None:
+    """Flags that read as the config file does: ``none``/``null``/``~`` for an optional number, and
+    YAML/JSON text for a mapping or a list (checked by ``check_types`` with a file's values, so both get
+    the same messages). Every other type is tyro's."""
+    number = _optional_of(info.type)
+    if number in (int, float):
+        def parse(texts: list[str]) -> Any:
+            return None if texts[0].strip().lower() in ("none", "null", "~") else number(texts[0])
+        metavar, show = f"{number.__name__.upper()}|none", str
+    elif (typing.get_origin(info.type) or info.type) in (dict, list, tuple) or info.type is Any:
+        parse, metavar = _yaml_flag, "YAML"
+        def show(value: Any) -> str:
+            return yaml.safe_dump(value, default_flow_style=True).strip()
+    else:
+        return None
+    return tyro.constructors.PrimitiveConstructorSpec(
+        nargs=1, metavar=metavar, instance_from_str=parse, is_instance=lambda value: True,
+        str_from_instance=lambda value: [show(value)])
+
+
+@dataclass
+class _CommandLine(Generic[A]):
+    """An agent's command line: its settings (``--task``, ``--max-kl``, ...) and these."""
+
+    settings: tyro.conf.OmitArgPrefixes[A]
+    config: Annotated[str | None, tyro.conf.arg(metavar="FILE.yaml")] = None
+    """load settings from a YAML file (flags win)"""
+    resume: Annotated[str | None, tyro.conf.arg(metavar="RUN_DIR")] = None
+    """continue the run in RUN_DIR where it stopped"""
+    rebuild: Annotated[bool, tyro.conf.FlagCreatePairsOff] = False
+    """with --resume, when the run's checkpoint is missing or damaged: continue the run from its log
+    (every record kept; the agent's state restarts from its seed)"""
+
+
+class _Unset(str):
+    """The default of ``preset`` on the first pass: tyro hands this very object back unless a
+    ``--preset`` flag was given (even an empty one)."""
 
 
 def preset_args(cls: type[A], name: Any) -> A | None:
@@ -617,22 +588,29 @@ def parse_args(cls: type[A], argv: Sequence[str] | None = None, agent: str | Non
                description: str | None = None) -> tuple[A, str | None]:
     """Settings from defaults, ``--config FILE`` and flags; ``(args, resume_dir_or_None)``.
 
-    With ``--resume RUN_DIR`` the run's own ``config.yaml`` is the base and only the
-    settings in ``RESUME_OVERRIDABLE`` may be changed; the resume directory comes back as
-    a ``ResumeDir`` (a ``str`` whose ``rebuild`` says whether ``--rebuild`` was given).
-    Raises ``ConfigError`` for a bad setting (argparse itself exits with a usage message
-    for a malformed flag).
+    tyro reads the command line twice: first over the dataclass defaults (a malformed flag or
+    ``--help`` stops there, before any file is read; it names the preset and the files), then
+    over the defaults, the preset and the file, so that flags win wherever they stand. With
+    ``--resume RUN_DIR`` the run's own ``config.yaml`` is the base and only the settings in
+    ``RESUME_OVERRIDABLE`` may be changed; the resume directory comes back as a ``ResumeDir``
+    (a ``str`` whose ``rebuild`` says whether ``--rebuild`` was given). Raises ``ConfigError``
+    for a bad setting (tyro itself exits with status 2 and a message for a malformed flag).
     """
-    parser = build_parser(cls, prog=f"agents/{agent}.py" if agent else None, description=description)
     argv = list(sys.argv[1:] if argv is None else argv)
-    ns = vars(parser.parse_args([_dashed(a) for a in argv]))
-    config_path = ns.pop("config", None)
-    resume = ns.pop("resume", None)
-    rebuild = ns.pop("rebuild", False)
-    if rebuild and resume is None:
+
+    def read(settings: A) -> _CommandLine[A]:
+        return tyro.cli(_CommandLine[cls], args=argv, default=_CommandLine(settings), registry=_FLAGS,
+                        prog=f"agents/{agent}.py" if agent else None, description=description)
+
+    defaults = cls()
+    if hasattr(defaults, "preset"):
+        defaults.preset = _Unset("")
+    first = read(defaults)
+    resume = first.resume
+    if first.rebuild and resume is None:
         raise ConfigError("--rebuild continues a run from its log: it goes with --resume RUN_DIR")
     if resume is not None:
-        if config_path is not None:
+        if first.config is not None:
             raise ConfigError("--resume takes the run's own config.yaml; do not pass --config as well")
         saved_path = Path(resume) / "config.yaml"
         if not saved_path.is_file():
@@ -640,23 +618,25 @@ def parse_args(cls: type[A], argv: Sequence[str] | None = None, agent: str | Non
         saved = load_yaml(saved_path)
         if agent is not None:
             check_agent(saved, agent, str(saved_path))
-        args = args_from_dict(cls, saved, where=str(saved_path))
-        changed = sorted(k for k, v in ns.items() if k not in RESUME_OVERRIDABLE and getattr(args, k) != v)
+        base = args_from_dict(cls, saved, where=str(saved_path))
+        args = read(base).settings
+        changed = sorted(f.name for f in dataclasses.fields(cls)
+                         if f.name not in RESUME_OVERRIDABLE and getattr(args, f.name) != getattr(base, f.name))
         if changed:
             raise ConfigError(f"cannot change {changed} when resuming {resume} (a resumed run keeps its settings); "
                               f"settings that may change: {sorted(RESUME_OVERRIDABLE)}")
-        args = args_from_dict(cls, ns, where="the command line", base=args)
         args.run_dir = str(resume)
-        resume = ResumeDir(resume, rebuild)
+        resume = ResumeDir(resume, first.rebuild)
     else:
         data: dict[str, Any] = {}
-        if config_path is not None:
-            data = load_yaml(config_path)
+        if first.config is not None:
+            data = load_yaml(first.config)
             if agent is not None:
-                check_agent(data, agent, str(config_path))
-        base = preset_args(cls, ns.get("preset", data.get("preset", "")))
-        if config_path is not None:
-            base = args_from_dict(cls, data, where=str(config_path), base=base)
-        args = args_from_dict(cls, ns, where="the command line", base=base)
+                check_agent(data, agent, str(first.config))
+        preset = getattr(first.settings, "preset", None)
+        base = preset_args(cls, data.get("preset", "") if isinstance(preset, _Unset | None) else preset)
+        if first.config is not None:
+            base = args_from_dict(cls, data, where=str(first.config), base=base)
+        args = read(base or cls()).settings
     args.validate()
     return args, resume
