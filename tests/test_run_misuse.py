@@ -33,7 +33,8 @@ from pathlib import Path
 import pytest
 
 from nos_gym.agents import ConfigError, RunError, load_agent, read_log
-from nos_gym.agents import runs as runs_module
+from nos_gym.agents import rundir as rundir_module
+from nos_gym.agents.rundir import RunDir
 from nos_gym.agents.runs import Run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -410,7 +411,7 @@ def _log_to_dev_full(monkeypatch):
     """The run's log file is /dev/full: the kernel answers each flush with ENOSPC."""
     def open_log(self):
         self._log_file = open("/dev/full", "ab")
-    monkeypatch.setattr(Run, "_open_log", open_log)
+    monkeypatch.setattr(RunDir, "open_log", open_log)
 
 
 needs_dev_full = pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
@@ -438,14 +439,14 @@ def test_disk_full_while_writing_top_leaves_the_old_file_whole(rs, copy_of, monk
     run_dir = copy_of()
     top_before = (run_dir / "top.txt").read_bytes()
     assert top_before.strip()
-    real = runs_module._write_synced
+    real = rundir_module._write_synced
 
     def write_synced(path, data):
         if Path(path).name.startswith("top."):
             return real(Path("/dev/full"), data)
         return real(path, data)
 
-    monkeypatch.setattr(runs_module, "_write_synced", write_synced)
+    monkeypatch.setattr(rundir_module, "_write_synced", write_synced)
     with pytest.raises(RunError, match="cannot write .*top.txt: No space left on device"):
         rs.main(["--resume", str(run_dir), "--total-rules", "56"])
     assert (run_dir / "top.txt").read_bytes() == top_before  # not truncated to 0 bytes
@@ -467,9 +468,9 @@ def test_disk_full_from_the_command_line(copy_of, tmp_path):
     run_dir = copy_of()
     wrapper = (
         "import runpy, sys\n"
-        "from nos_gym.agents.runs import Run\n"
+        "from nos_gym.agents.rundir import RunDir\n"
         "def open_log(self): self._log_file = open('/dev/full', 'ab')\n"
-        "Run._open_log = open_log\n"
+        "RunDir.open_log = open_log\n"
         f"sys.argv = [{SCRIPT!r}] + sys.argv[1:]\n"
         f"runpy.run_path({SCRIPT!r}, run_name='__main__')\n")
     proc = subprocess.run([sys.executable, "-c", wrapper, "--resume", str(run_dir), "--total-rules", "64"],
