@@ -178,3 +178,11 @@ def test_the_language_and_the_task_interface_import_no_torch():
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:5]")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_run_directory_knows_nothing_of_the_search():
+    # nos_gym.agents.rundir (lock, log, checkpoints, resume checks, signals) imports no nos_gym module:
+    # no agent, settings, task, evaluator or env; nos_gym.agents.runs wires the search to it
+    graph = import_graph(type_checking=True)
+    assert graph["nos_gym.agents.rundir"] == {}
+    assert "nos_gym.agents.rundir" in graph["nos_gym.agents.runs"]

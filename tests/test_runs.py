@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -177,6 +178,34 @@ def test_ctrl_c_or_sigterm_saves_and_exits_128_plus_the_signal(trpo, tmp_path, s
     assert [r["sample"] for r in records] == list(range(n + 8)) and run.samples == n + 8
     fresh = [r["key"] for r in records if not r["cached"]]
     assert len(fresh) == len(set(fresh))
+
+
+def test_a_run_written_before_the_run_directory_split_resumes(tmp_path):
+    """tests/data/run_before_rundir: 16 rules of an evolution run written by nos-gym before ``Run`` was
+    split into ``RunDir`` (the directory) and ``Run`` (the search). Killed mid-line, then resumed to 32
+    rules, it continues as the same run started afresh does."""
+    evolution = load_agent("evolution")
+    old = tmp_path / "old"
+    shutil.copytree(ROOT / "tests" / "data" / "run_before_rundir", old)
+    config = old / "config.yaml"
+    config.write_text(config.read_text().replace("/tmp/nos-gym-before-split/store.sqlite", str(tmp_path / "old.sqlite"))
+                      .replace("/tmp/nos-gym-before-split/run", str(old)))
+    before = (old / "log.jsonl").read_bytes()
+    with (old / "log.jsonl").open("a") as f:
+        f.write('{"sample": 16, "bat')
+    run = evolution.main(["--resume", str(old), "--total-rules", "32"])
+    assert run.resumed and run.samples == 32
+    assert (old / "log.jsonl").read_bytes().startswith(before)  # its 16 records, byte for byte
+    fresh = tmp_path / "fresh"
+    evolution.main(FAST + ["--space", "small", "--seed", "5", "--population-size", "8", "--tournament-size", "3",
+                           "--total-rules", "32", "--run-dir", str(fresh), "--store", str(tmp_path / "fresh.sqlite")])
+    resumed, reference = read_log(old), read_log(fresh)
+    assert [(r["sample"], r["batch"], r["tokens"]) for r in resumed] == [(r["sample"], r["batch"], r["tokens"])
+                                                                         for r in reference]
+    assert [r["reward"] for r in resumed] == pytest.approx([r["reward"] for r in reference], rel=1e-6)
+    assert [json.loads(x)["batch"] for x in (old / "updates.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
+    ckpt = torch.load(old / "checkpoint.pt", weights_only=False)
+    assert (ckpt["format"], ckpt["batch"], ckpt["samples"]) == (2, 4, 32)
 
 
 # ------------------------------------------------------------------------- log, top-k

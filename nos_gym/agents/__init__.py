@@ -1,4 +1,5 @@
-"""The agents and what they share: settings, the LSTM controller, rollouts, runs.
+"""The agents and what they share: settings, the LSTM controller, rollouts, runs (``runs.Run``,
+the search wired to a run directory, ``rundir.RunDir``).
 
 Each agent is one readable module of this package (CleanRL's manner: a dataclass of
 arguments with the paper's defaults, the network, the loop), runnable as

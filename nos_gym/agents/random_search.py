@@ -11,7 +11,7 @@ Run it::
     python agents/random_search.py --total-rules 1000 --space small --depth 1
 
 Same run directory, log, store, ``--resume`` and Ctrl-C behaviour as every agent
-(``nos_gym/agents/runs.py``).
+(``nos_gym/agents/runs.py``, on the run directory of ``nos_gym/agents/rundir.py``).
 """
 
 from __future__ import annotations

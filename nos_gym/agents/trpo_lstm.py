@@ -33,7 +33,8 @@ Run it::
 
 It writes a run directory (config, log of every rule, checkpoints, top rules) and
 records every scored rule in the result store; Ctrl-C saves and stops. See
-``nos_gym/agents/runs.py``. Batch size vs the paper: ``configs/paper.yaml`` explains.
+``nos_gym/agents/runs.py`` and ``nos_gym/agents/rundir.py``. Batch size vs the paper:
+``configs/paper.yaml`` explains.
 """
 
 from __future__ import annotations
