@@ -12,10 +12,17 @@ import contextlib
 import io
 import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import settings_cases
 from settings_cases import AGENTS, CASES, FIXTURE, key, load, outcome
+
+from nos_gym.agents.config import one_line
+
+ROOT = Path(__file__).resolve().parents[1]
 
 BEFORE = json.loads(FIXTURE.read_text())
 
@@ -67,3 +74,21 @@ def test_cases_cover_every_agent_and_every_outcome():
     kinds = {kind for v in BEFORE["cases"].values() for kind in ("args", "error", "exit") if kind in v}
     assert kinds == {"args", "error", "exit"}
     assert settings_cases.FIXTURE.exists() and len(BEFORE["cases"]) == len(CASES)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--max-kl", "big"], "--max-kl: could not convert string to float: 'big'"),
+    (["--total", "20"], "did you mean --total-rules?"),
+    (["--bogus", "1"], "Unrecognized options: --bogus, 1"),
+])
+def test_a_malformed_flag_is_one_line_and_exit_status_2(argv, says):
+    proc = subprocess.run([sys.executable, str(ROOT / "agents" / "trpo_lstm.py"), *argv], capture_output=True,
+                          text=True, timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("agents/trpo_lstm.py: error: ") and says in lines[0], lines[0]
+    assert lines[0].endswith("(see agents/trpo_lstm.py --help)")
+
+
+def test_a_message_of_another_shape_is_kept_whole():
+    assert one_line("usage: x\nx: error: something\n", "x") == "usage: x\nx: error: something"

@@ -24,8 +24,10 @@ else is checked here, for flags and files alike, so that both get the same messa
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import io
 import math
 import sys
 import types
@@ -584,6 +586,29 @@ def preset_args(cls: type[A], name: Any) -> A | None:
     return args_from_dict(cls, {**presets[name], "preset": name}, where=f"preset {name!r}")
 
 
+_BOX = "│╭╮╰╯─┃━┏┓┗┛"
+
+
+def one_line(message: str, prog: str) -> str:
+    """tyro's boxed error message as one line: its title and first paragraph, then where the help is.
+    A message of another shape is returned whole, so nothing is lost if tyro changes its layout."""
+    lines = [line.strip().strip(_BOX).strip() for line in message.splitlines()]
+    if not lines or not message.lstrip().startswith("╭"):
+        return message.rstrip()
+    paragraphs: list[list[str]] = [[]]
+    for line in lines[1:]:
+        if line and set(line) <= set(_BOX + " "):
+            paragraphs.append([])
+        elif line:
+            paragraphs[-1].append(line)
+    text = " ".join(paragraphs[0]) or lines[0].strip(_BOX + " ")
+    guesses = [line.split()[0] for para in paragraphs[1:] if para and para[0].startswith("Perhaps you meant")
+               for line in para[1:] if line.startswith("-")]
+    if guesses:
+        text += f"; did you mean {' or '.join(dict.fromkeys(guesses))}?"
+    return f"{prog}: error: {text} (see {prog} --help)"
+
+
 def parse_args(cls: type[A], argv: Sequence[str] | None = None, agent: str | None = None,
                description: str | None = None) -> tuple[A, str | None]:
     """Settings from defaults, ``--config FILE`` and flags; ``(args, resume_dir_or_None)``.
@@ -598,9 +623,20 @@ def parse_args(cls: type[A], argv: Sequence[str] | None = None, agent: str | Non
     """
     argv = list(sys.argv[1:] if argv is None else argv)
 
+    prog = f"agents/{agent}.py" if agent else Path(sys.argv[0]).name
+
     def read(settings: A) -> _CommandLine[A]:
-        return tyro.cli(_CommandLine[cls], args=argv, default=_CommandLine(settings), registry=_FLAGS,
-                        prog=f"agents/{agent}.py" if agent else None, description=description)
+        captured = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(captured):
+                return tyro.cli(_CommandLine[cls], args=argv, default=_CommandLine(settings), registry=_FLAGS,
+                                prog=prog, description=description)
+        except SystemExit as e:
+            if e.code:  # a malformed flag: tyro's boxed message, told in one line
+                print(one_line(captured.getvalue(), prog), file=sys.stderr)
+            else:
+                sys.stderr.write(captured.getvalue())
+            raise
 
     defaults = cls()
     if hasattr(defaults, "preset"):
