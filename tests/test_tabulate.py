@@ -94,7 +94,6 @@ def test_a_dry_run_prints_the_numbers_and_trains_nothing(tmp_path):
 
 
 # ----------------------------------------------------------------------------- resuming
-@pytest.mark.slow
 def test_a_tabulation_killed_with_sigkill_resumes_to_one_row_per_rule(tmp_path):
     out, store = tmp_path / "kill1.csv.gz", tmp_path / "kill1.sqlite"
     args = ("--task", "rosenbrock", "--task-options", str(KILL_TASK).replace("'", ""), "--space", KILL_SPACE_YAML,
@@ -167,7 +166,6 @@ CI_SPACE = SearchSpace("ci-tiny", ("g", "adam"), ("id", "neg"), ("mul", "keep"))
 CI_PROTOCOL = {"preset": "ci", "schedule": "halving", "rungs": 2, "data_dir": str(SHARED)}
 
 
-@pytest.mark.slow
 def test_a_ci_table_with_a_hurdle_gives_what_the_live_task_gives(tmp_path):
     """The table's hurdle option against ConvNetTask(hurdle=h) through the Evaluator, rule by rule, exactly."""
     done = tabulate("convnet-cifar10", CI_PROTOCOL, space=CI_SPACE, depth=1, out=tmp_path / "ci.csv.gz",
