@@ -92,3 +92,11 @@ def test_a_malformed_flag_is_one_line_and_exit_status_2(argv, says):
 
 def test_a_message_of_another_shape_is_kept_whole():
     assert one_line("usage: x\nx: error: something\n", "x") == "usage: x\nx: error: something"
+
+
+def test_help_piped_into_a_reader_that_stops_early_ends_quietly():
+    script = ROOT / "agents" / "trpo_lstm.py"
+    proc = subprocess.run(["bash", "-c", f"'{sys.executable}' '{script}' --help | head -1; exit ${{PIPESTATUS[0]}}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout.startswith("usage: ") and proc.stderr == "", proc.stderr
+    assert proc.returncode in (0, 141)  # 141: the reader closed the pipe before the help was written

@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import importlib
 import importlib.util
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -42,10 +43,14 @@ def run_cli(main: Callable[[], object]) -> None:
     A bad setting or an unusable run directory (``ConfigError``, ``RunError``) prints one
     line and exits 2; so does a file-system error (full disk, read-only) that reached
     here unexplained, naming the file. Ctrl-C exits 130, SIGTERM 143 (``Run`` raises ``SystemExit``).
+    Output piped into a reader that stops early (``--help | head``) ends quietly.
     """
     name = Path(sys.argv[0]).name
     try:
         main()
+    except BrokenPipeError:  # the reader went away: nothing more to say, and no traceback about it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        raise SystemExit(141) from None  # 128 + SIGPIPE, as a shell tool would
     except ConfigError as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
