@@ -199,9 +199,20 @@ def make_optimizer(name: str, params, lr: float, seed: int) -> torch.optim.Optim
     return NOSOptimizer(params, rule=name, lr=lr, seed=seed)
 
 
+def _parses(rule: str) -> bool:
+    """Whether ``rule`` is a rule in the paper's notation (parsed, never evaluated)."""
+    from nos_gym.dsl import parse
+
+    try:
+        parse(rule)
+    except ValueError:
+        return False
+    return True
+
+
 def optimizer_label(name: str) -> str:
     """What ``make_optimizer`` builds for ``name``, as printed."""
-    return TORCH_BASELINES[name][0] if name in TORCH_BASELINES else f"NOSOptimizer({table1()[name]!r})"
+    return TORCH_BASELINES[name][0] if name in TORCH_BASELINES else f"NOSOptimizer({table1().get(name, name)!r})"
 
 
 def lr_factor(cfg: dict[str, Any], epoch: int) -> float:
@@ -342,7 +353,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--depth", type=int, help="WRN depth, 6n + 4 (default 28)")
     ap.add_argument("--width", type=int, help="WRN widening factor k (default 10)")
     ap.add_argument("--dropout", type=float)
-    ap.add_argument("--rules", nargs="+", help="Table 1 names (nos_gym.optim.table1()) or 'all'")
+    ap.add_argument("--rules", nargs="+", help="Table 1 names (nos_gym.optim.table1()), rules in the paper's "
+                    "notation (e.g. 'drop(RMSProp, 0.3) + sign(m)'), or 'all'")
     ap.add_argument("--lrs", type=float, nargs="+")
     ap.add_argument("--epochs", type=int, help="epochs of every run")
     ap.add_argument("--train-examples", type=int, dest="train_examples")
@@ -365,9 +377,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "batch_size", "weight_decay", "schedule", "loader_workers", "seed")} | {"rules": rules})
     all_rules = list(table1())
     cfg["rules"] = all_rules if cfg["rules"] == "all" else list(cfg["rules"])
-    unknown = [n for n in cfg["rules"] if n not in all_rules]
+    unknown = [n for n in cfg["rules"] if n not in all_rules and not _parses(n)]
     if unknown:
-        raise SystemExit(f"unknown rules {unknown}; the Table 1 names are {all_rules}")
+        raise SystemExit(f"unknown rules {unknown}: neither a Table 1 name ({', '.join(all_rules)}) nor a rule "
+                         f"in the paper's notation")
     cfg["lrs"] = [float(x) for x in cfg["lrs"]]
     WideResNet(cfg["depth"], cfg["width"])  # a bad depth/width fails here, before any data is read
     device = pick_device(args.device)
