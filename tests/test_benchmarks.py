@@ -399,7 +399,7 @@ def test_bench_agents_on_a_nosbench_table_reports_regret_to_its_optimum(tmp_path
 def test_wrn_takes_a_rule_in_the_papers_notation(tmp_path):
     out = wrn_transfer.main(["--preset", "smoke", "--out", str(tmp_path / "w"), "--no-progress",
                              "--rules", "drop(RMSProp, 0.3) + sign(m)", "--epochs", "1"])
-    assert out is not None and (tmp_path / "w").exists()
+    assert out["complete"] and set(out["runs"]) == {"drop(RMSProp, 0.3) + sign(m)"}
     assert "NOSOptimizer('drop(RMSProp, 0.3) + sign(m)')" == wrn_transfer.optimizer_label("drop(RMSProp, 0.3) + sign(m)")
     with pytest.raises(SystemExit, match="neither a Table 1 name"):
         wrn_transfer.main(["--preset", "smoke", "--out", str(tmp_path / "x"), "--rules", "bogus("])
