@@ -13,11 +13,9 @@ and the averages once.
   parameter sizes; per-step numbers (the learning rate, the bias corrections, the sign
   decay, the random draws' step keys) are tensor inputs, so nothing recompiles as
   training goes on. Each rule gets its own generated code object, so rules never evict
-  each other from dynamo's cache. Measured cost (2-core EPYC, gcc 12, torch 2.14, cold
-  inductor cache): ~9 s for the first rule in a process (inductor's start-up and the C++
-  build), 1.1-1.6 s for each further rule; with inductor's on-disk cache warm (a rerun,
-  another process) ~2 s for the first and ~0.1 s for each further one. Then ~15 us of
-  call overhead per parameter tensor per step. The kernels follow ``torch.set_num_threads``
+  each other from dynamo's cache. A compile costs seconds (inductor's start-up and a C++
+  build; far less from inductor's on-disk cache), then each step a small call overhead per
+  parameter tensor: docs/results.md ("The rule engine"). The kernels follow ``torch.set_num_threads``
   at run time (``cpp.dynamic_threads``).
 - **Draws**: ``drop``'s uniforms are computed inside the kernel from the same splitmix64
   hash as ``nos_gym.engine.random_streams`` (bit-exact: integer ops and one int->float

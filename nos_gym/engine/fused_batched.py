@@ -41,11 +41,10 @@ compiled once, computes every row's update from them:
 
 Every element computes every operand and every unary of every side (exp, log, sqrt and,
 if any row drops, two 64-bit hashes per side), and selects: the step is bound by that
-arithmetic, not by memory or kernel launches. Measured per step against the default
-executor (1,024 random depth-2 rules, float32, 1 thread): 1.7x faster on rows of 2, 1.8x
-on rows of 100, 2.7x on rows of 1,000; on the Rosenbrock task (12k rows of 2 with its
-stochastic rules' 4 draws) only ~1.1x, since there the default executor's ~65 kernels are
-long and only compute what each row needs (``BatchedRule``'s ``fused`` argument).
+arithmetic, not by memory or kernel launches. So it gains most on wide rows and little
+where the default executor's kernels are long and compute only what each row needs, as on
+the Rosenbrock task (``BatchedRule``'s ``fused`` argument; the measurements are in
+docs/results.md, "The rule engine").
 """
 
 from __future__ import annotations

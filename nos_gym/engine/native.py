@@ -2,7 +2,7 @@
 
 The Rosenbrock task trains ~12,000 independent rows of 2 numbers for 4,000 steps. Torch's
 executors (``BatchedRule``, fused or not) run each step as one or more passes over all rows,
-so a step costs ~100-170 us however little work it holds, and every element of the fused
+so a step has a fixed cost however little work it holds, and every element of the fused
 kernel computes every branch. Here (``nos_gym/engine/csrc/rosenbrock_native.cpp``) the time loop
 runs *inside* the kernel: a work item (a rule at up to 4 learning rates; a stochastic
 rule's draws packed side by side) keeps its state in L1 for all 4,000 steps and is
