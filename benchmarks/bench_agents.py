@@ -506,7 +506,8 @@ def plot(env: EnvSpec, variants: Sequence[str], seeds: Sequence[int],
     bench = env.task == "nosbench"
     budget = max(env.budgets)
     fig, ax = plt.subplots(figsize=(8, 5))
-    for v in variants:
+    colors = plt.get_cmap("tab10").colors  # then dashed lines: no two variants look alike
+    for i, v in enumerate(variants):
         recs = [done[(env.env_id, v, s)] for s in seeds if (env.env_id, v, s) in done]
         if not recs:
             continue
@@ -515,7 +516,8 @@ def plot(env: EnvSpec, variants: Sequence[str], seeds: Sequence[int],
             curves = np.maximum(env.optimum - curves, 1e-6)
         lo, mid, hi = np.percentile(curves, [25, 50, 75], axis=0)
         x = np.arange(1, curves.shape[1] + 1)
-        line, = ax.plot(x, mid, label=v, lw=2 if v in (REFERENCE, *TUNED.values()) else 1.3)
+        line, = ax.plot(x, mid, label=v, lw=2 if v in (REFERENCE, *TUNED.values()) else 1.3,
+                        color=colors[i % len(colors)], ls="-" if i < len(colors) else "--")
         ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15)
     ax.set_xlabel("sampled rules")
     if bench:
