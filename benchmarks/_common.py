@@ -311,7 +311,10 @@ def baseline_panels(chosen: Mapping[str, CurveRun], title: str, suptitle: str, m
                         label=f"{labels.get(name, name)} (lr {run.lr:g})")
         ax.set_title(f"{title}: baselines vs {opt}", fontsize=10)
         ax.set_xlabel("epoch")
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        else:  # none of this panel's optimizers was run
+            ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes, color="gray")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"{metric} accuracy")
     fig.suptitle(suptitle, fontsize=10)
