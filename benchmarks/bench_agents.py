@@ -178,7 +178,6 @@ def parse_cli(argv: Sequence[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.smoke:
         a.envs = a.envs or ["OptimizerSearch-RosenbrockSmall-v0"]
-        a.task_options = {"iterations": 100} if a.task_options is None else a.task_options
         a.seeds = a.seeds or ["0-1"]
         a.budgets = a.budgets or [40, 60]
         a.num_envs = a.num_envs or 20
@@ -206,7 +205,8 @@ def env_specs(a: argparse.Namespace) -> list[EnvSpec]:
         if env_id not in nos_gym.ENV_IDS:
             raise SystemExit(f"unknown env id {env_id!r}; registered: {list(nos_gym.ENV_IDS)}")
         kw = {"task": "rosenbrock", "space": "full", "depth": 2, **nos_gym.ENV_IDS[env_id]}
-        options = dict(a.task_options or {})
+        smoke = {"iterations": 100} if a.smoke and kw["task"] == "rosenbrock" else {}  # NOS-Bench takes no such option
+        options = dict(a.task_options if a.task_options is not None else smoke)
         if kw["task"] == "nosbench":
             table = bench.load(a.table)  # the shipped default when --table is not given
             options.setdefault("table", str(table.path))

@@ -403,3 +403,16 @@ def test_wrn_takes_a_rule_in_the_papers_notation(tmp_path):
     assert "NOSOptimizer('drop(RMSProp, 0.3) + sign(m)')" == wrn_transfer.optimizer_label("drop(RMSProp, 0.3) + sign(m)")
     with pytest.raises(SystemExit, match="neither a Table 1 name"):
         wrn_transfer.main(["--preset", "smoke", "--out", str(tmp_path / "x"), "--rules", "bogus("])
+
+
+def test_bench_agents_smoke_shrinks_rosenbrock_only(tmp_path):
+    import bench_agents
+    from test_bench import hand_table
+
+    table = hand_table(tmp_path / "hand.csv.gz")
+    a = bench_agents.parse_cli(["--smoke", "--envs", "OptimizerSearch-RosenbrockSmall-v0", "OptimizerSearch-Bench-v0",
+                                "--table", str(table)])
+    rosenbrock, nosbench = bench_agents.env_specs(a)
+    assert rosenbrock.task_options == {"iterations": 100}
+    assert nosbench.task_options == {"table": str(table)}  # the table task takes no iterations
+    assert nosbench.optimum == 0.45
