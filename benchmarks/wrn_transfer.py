@@ -67,7 +67,7 @@ from _common import (
 from torch import nn
 
 from nos_gym.data import MEAN, STD, CIFAR10CorruptError, CIFAR10NotFoundError, Split, load_cifar10, normalize
-from nos_gym.optim import NOSOptimizer, table1
+from nos_gym.optim import NOSOptimizer, get_rule, table1
 from nos_gym.tasks.convnet import PAPER_LRS
 
 FIGURE7_RULES = [*FIGURE_BASELINES, *FIGURE_OPTIMIZERS]
@@ -200,11 +200,9 @@ def make_optimizer(name: str, params, lr: float, seed: int) -> torch.optim.Optim
 
 
 def _parses(rule: str) -> bool:
-    """Whether ``rule`` is a rule in the paper's notation (parsed, never evaluated)."""
-    from nos_gym.dsl import parse
-
+    """Whether ``NOSOptimizer`` can run ``rule`` (``get_rule``: parsed, never evaluated)."""
     try:
-        parse(rule)
+        get_rule(rule)
     except ValueError:
         return False
     return True

@@ -20,7 +20,7 @@ import pytest
 import settings_cases
 from settings_cases import AGENTS, CASES, FIXTURE, key, load, outcome
 
-from nos_gym.agents.config import one_line
+from nos_gym.agents.config import tyro_error_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,7 +91,7 @@ def test_a_malformed_flag_is_one_line_and_exit_status_2(argv, says):
 
 
 def test_a_message_of_another_shape_is_kept_whole():
-    assert one_line("usage: x\nx: error: something\n", "x") == "usage: x\nx: error: something"
+    assert tyro_error_line("usage: x\nx: error: something\n", "x") == "usage: x\nx: error: something"
 
 
 def test_help_piped_into_a_reader_that_stops_early_ends_quietly():

@@ -589,7 +589,7 @@ def preset_args(cls: type[A], name: Any) -> A | None:
 _BOX = "│╭╮╰╯─┃━┏┓┗┛"
 
 
-def one_line(message: str, prog: str) -> str:
+def tyro_error_line(message: str, prog: str) -> str:
     """tyro's boxed error message as one line: its title and first paragraph, then where the help is.
     A message of another shape is returned whole, so nothing is lost if tyro changes its layout."""
     lines = [line.strip().strip(_BOX).strip() for line in message.splitlines()]
@@ -622,21 +622,22 @@ def parse_args(cls: type[A], argv: Sequence[str] | None = None, agent: str | Non
     for a bad setting (tyro itself exits with status 2 and a message for a malformed flag).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-
     prog = f"agents/{agent}.py" if agent else Path(sys.argv[0]).name
 
     def read(settings: A) -> _CommandLine[A]:
         captured = io.StringIO()
         try:
             with contextlib.redirect_stderr(captured):
-                return tyro.cli(_CommandLine[cls], args=argv, default=_CommandLine(settings), registry=_FLAGS,
+                line = tyro.cli(_CommandLine[cls], args=argv, default=_CommandLine(settings), registry=_FLAGS,
                                 prog=prog, description=description)
         except SystemExit as e:
             if e.code:  # a malformed flag: tyro's boxed message, told in one line
-                print(one_line(captured.getvalue(), prog), file=sys.stderr)
+                print(tyro_error_line(captured.getvalue(), prog), file=sys.stderr)
             else:
                 sys.stderr.write(captured.getvalue())
             raise
+        sys.stderr.write(captured.getvalue())  # anything else tyro said (a warning) is passed on
+        return line
 
     defaults = cls()
     if hasattr(defaults, "preset"):

@@ -168,10 +168,6 @@ class Run:
         """Set by the first Ctrl-C or SIGTERM: stop after the batch in progress."""
         return self.dir.stop_requested
 
-    @stop_requested.setter
-    def stop_requested(self, value: bool) -> None:
-        self.dir.stop_requested = value
-
     @property
     def interrupted(self) -> bool:
         """True when a signal stopped (or is stopping) the run."""

@@ -79,12 +79,13 @@ def plot(table: BenchTable, path: str, hurdle: float | None = None) -> str:
     import matplotlib.pyplot as plt
 
     rows = list(table.rows.values())
+    refs = [(rule if len(rule) < 14 else rule[:12] + "..", table.rows[key]) for rule in REFERENCES
+            if (key := parse(rule).canonical_key) in table.rows]
     trained = [r for r in rows if r["source"] == "trained" and r["sweep_accuracy"] is not None]
-    if trained:  # a task with a rate sweep (the ConvNet's): two panels
+    if trained:  # a task with a rate sweep (the ConvNet's): a second panel
         fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     else:
         fig, left = plt.subplots(figsize=(6.5, 4.5))
-        right = None
     bins = np.linspace(0.0, max(r["reward"] for r in rows) + 0.01, 50)
     groups = [("trained", [r["reward"] for r in rows if r["source"] == "trained"]),
               ("behaviour twin of a trained rule", [r["reward"] for r in rows if r["source"] == "fingerprint"]),
@@ -97,27 +98,22 @@ def plot(table: BenchTable, path: str, hurdle: float | None = None) -> str:
     left.set_xlabel("reward")
     left.set_ylabel("rules")
     left.set_title(f"{table.name}: {len(table):,} canonical rules")
-    if right is not None:
+    for label, row in refs:
+        left.axvline(row["reward"], color="black", lw=0.8, ls=":")
+        left.annotate(label, (row["reward"], 1), rotation=90, fontsize=7, va="bottom", ha="right")
+    left.legend(fontsize=8, loc="upper right")
+    if trained:
         right.scatter([r["sweep_accuracy"] for r in trained], [r["reward"] for r in trained], s=4, alpha=0.4)
         right.set_xlabel("best sweep accuracy")
         right.set_ylabel("reward")
         right.set_title("trained rules: the sweep against the reward")
-    if right is not None and hurdle is not None:
-        right.axvline(hurdle, color="red", lw=1, ls="--", label=f"hurdle {hurdle:g}")
-    for rule in REFERENCES:
-        row = table.rows.get(parse(rule).canonical_key)
-        if row is None:
-            continue
-        left.axvline(row["reward"], color="black", lw=0.8, ls=":")
-        left.annotate(rule if len(rule) < 14 else rule[:12] + "..", (row["reward"], 1), rotation=90, fontsize=7,
-                      va="bottom", ha="right")
-        if right is not None and row["sweep_accuracy"] is not None:
-            right.scatter([row["sweep_accuracy"]], [row["reward"]], color="black", s=14, marker="x")
-            right.annotate(rule if len(rule) < 14 else rule[:12] + "..", (row["sweep_accuracy"], row["reward"]),
-                           fontsize=7)
-    left.legend(fontsize=8, loc="upper right")
-    if right is not None and hurdle is not None:
-        right.legend(fontsize=8, loc="lower right")
+        for label, row in refs:
+            if row["sweep_accuracy"] is not None:
+                right.scatter([row["sweep_accuracy"]], [row["reward"]], color="black", s=14, marker="x")
+                right.annotate(label, (row["sweep_accuracy"], row["reward"]), fontsize=7)
+        if hurdle is not None:
+            right.axvline(hurdle, color="red", lw=1, ls="--", label=f"hurdle {hurdle:g}")
+            right.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -181,18 +181,13 @@ def _common(task: FidelityTask) -> dict[str, Any]:
     return dict(batch_size=p.batch_size, seed=p.seed, filters=p.filters, precision=task.precision)
 
 
-def _seeds(task: FidelityTask, programs: Sequence[Program], draws: Sequence[int] | None) -> list[int] | None:
-    """Each program's random stream seed (``ConvNetTask.stream_seeds``), as the fixed protocol uses them."""
-    return task.stream_seeds(programs, draws) if hasattr(task, "stream_seeds") else None
-
-
 def run_sweep(task: FidelityTask, programs: Sequence[Program], draws: Sequence[int] | None = None) -> list[Sweep]:
     """The rate sweep of ``task.protocol`` (fixed or by successive halving) for ``programs``, as one group
     per rung; ``draws``: the draw index of each program's random stream (default 0)."""
     p, data = task.protocol, task.data
     if not programs:
         return []
-    seeds = _seeds(task, programs, draws)
+    seeds = task.stream_seeds(programs, draws)  # as the fixed protocol uses them
     val = data.val.take(p.val_examples)
     train = data.train.take(p.sweep_examples)
     steps = (p.sweep_examples // p.batch_size) * p.sweep_epochs
@@ -214,7 +209,7 @@ def run_sweep(task: FidelityTask, programs: Sequence[Program], draws: Sequence[i
             if not rows:
                 break
             group, children = group.select(rows), [children[j] for j in rows]
-        fresh = {} if group is not None or seeds is None else {"stream_seeds": [seeds[i] for i, _ in children]}
+        fresh = {} if group is not None else {"stream_seeds": [seeds[i] for i, _ in children]}
         group = train_children([programs[i] for i, _ in children], [p.lrs[k] for _, k in children], train, val,
                                epochs=p.sweep_epochs, steps=(start, stop), resume=group, **fresh, **_common(task))
         for j, c in enumerate(children):
@@ -250,9 +245,8 @@ def run_final(task: FidelityTask, programs: Sequence[Program], lrs: Sequence[flo
     if not programs:
         return []
     p, data = task.protocol, task.data
-    seeds = _seeds(task, programs, draws)
     train, val = data.train.take(p.train_examples), data.val.take(p.val_examples)
-    kw = dict(epochs=p.train_epochs, **({} if seeds is None else {"stream_seeds": seeds}), **_common(task))
+    kw = dict(epochs=p.train_epochs, stream_seeds=task.stream_seeds(programs, draws), **_common(task))
     if p.final_hurdle is None:
         res = train_children(list(programs), list(lrs), train, val, **kw)
         return [Final(0.0 if bool(res.diverged[j]) else float(res.accuracy[j]), bool(res.diverged[j]),
