@@ -45,6 +45,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import functools
 import io
 import json
 import math
@@ -52,6 +54,7 @@ import os
 import random
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -81,6 +84,12 @@ DEFAULT_AGENTS = ["trpo_lstm", "trpo_lstm_risk", "trpo_lstm_paper", "trpo_lstm_p
                   "reinforce_lstm", "random_search", "evolution", "maskable_ppo", SB3_TRPO]
 REFERENCE = "evolution"
 TUNED = {"trpo_lstm": "tuned_trpo_lstm", "evolution": "tuned_evolution"}
+#: the variants a finished agent run is set beside (--write-reference), with the names it prints
+#: (tuned_trpo_lstm on Rosenbrock is agents/trpo_lstm.py's defaults, batch included; the trpo_lstm variant
+#: runs those defaults at the env's batch, DEFAULT_NUM_ENVS)
+REFERENCE_VARIANTS = {"tuned_evolution": "regularized evolution, tuned", "evolution": "regularized evolution",
+                      "tuned_trpo_lstm": "TRPO-LSTM, tuned", "trpo_lstm_paper": "TRPO-LSTM, the paper's setting"}
+REFERENCE_PATH = Path(__file__).resolve().parents[1] / "nos_gym" / "agents" / "reference_results.json"
 
 #: the tuning protocol's search spaces: each configuration is one value per key, drawn uniformly
 TUNE_SPACES: dict[str, dict[str, list[Any]]] = {
@@ -171,6 +180,9 @@ def parse_cli(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--smoke", action="store_true",
                    help="everything tiny: small Rosenbrock (100 iterations), 2 seeds, 60 rules, batches of 20")
+    p.add_argument("--write-reference", nargs="?", type=Path, const=REFERENCE_PATH, default=None, metavar="FILE",
+                   help="also write the reference medians that a finished agent run is set beside (default file: "
+                        "nos_gym/agents/reference_results.json; an env already in it is replaced)")
     p.add_argument("--tune", action="store_true", help="run the tuning protocol (see above)")
     p.add_argument("--tune-configs", type=int, default=20, help="configurations per tuned agent")
     p.add_argument("--tune-seeds", nargs="+", default=["0-9"], help="the seeds configurations are tuned on")
@@ -295,7 +307,7 @@ def run_agent(spec: RunSpec) -> dict[str, Any]:
     record = {"variant": spec.variant, "agent": spec.agent, "flags": spec.flags, "config": spec.config,
               "seed": spec.seed, "env_id": spec.env.env_id, "task_options": spec.env.task_options,
               "num_envs": spec.env.num_envs, "budget": spec.budget, "seconds": round(seconds, 3),
-              "best_rule": rules[best], "rewards": [round(float(r), 6) for r in rewards], "key_ids": key_ids}
+              "settings": resolved_settings(spec), "best_rule": rules[best], "rewards": [round(float(r), 6) for r in rewards], "key_ids": key_ids}
     spec.path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = spec.path.with_suffix(".json.tmp")
     tmp_path.write_text(json.dumps(record))
@@ -367,6 +379,31 @@ def run_all(specs: Sequence[RunSpec], jobs: int) -> dict[tuple[str, str, int], d
     return done
 
 
+#: settings that say where a run writes or how it reports, not what it searches
+RUN_ONLY_SETTINGS = frozenset({"seed", "run_dir", "runs_root", "store", "progress", "total_rules", "top_k",
+                               "torch_threads", "eval_timeout", "ray_address", "backend", "promote"})
+
+
+@functools.cache
+def _settings(agent: str, argv: tuple[str, ...]) -> str:
+    from nos_gym.agents import load_agent
+    from nos_gym.agents.config import parse_args
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        args, _ = parse_args(load_agent(agent).Args, list(argv), agent=agent)
+    values = {k: v for k, v in dataclasses.asdict(args).items() if k not in RUN_ONLY_SETTINGS}
+    return json.dumps(values, sort_keys=True, default=str)
+
+
+def resolved_settings(spec: RunSpec) -> dict[str, Any] | None:
+    """What a bundled agent's run searches with: its settings after defaults, preset and flags (the run's
+    directory and reporting left out); None for sb3_trpo. A finished run is reused only if these are the
+    same, so a change of an agent's defaults reruns the variants that rely on them."""
+    if spec.agent == SB3_TRPO:
+        return None
+    return json.loads(_settings(spec.agent, tuple(spec.env.agent_flags() + spec.flags)))
+
+
 def _finished(spec: RunSpec) -> dict[str, Any] | None:
     if not spec.path.is_file():
         return None
@@ -375,25 +412,20 @@ def _finished(spec: RunSpec) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     same = (record.get("budget", 0) >= spec.budget and record.get("flags") == spec.flags
-            and record.get("task_options") == spec.env.task_options and record.get("num_envs") == spec.env.num_envs)
+            and record.get("task_options") == spec.env.task_options and record.get("num_envs") == spec.env.num_envs
+            and record.get("settings") == resolved_settings(spec))
     return record if same else None
 
 
 # ------------------------------------------------------------------------------ metrics
 def summarize(record: dict[str, Any], budget: int, optimum: float, k: int = 10, tol: float = 1e-6) -> dict[str, Any]:
-    """One run's numbers over its first ``budget`` samples: best, regret, top-k distinct mean, samples
-    until the optimum (None: not reached), distinct rules."""
-    rewards = np.asarray(record["rewards"][:budget], dtype=float)
-    ids = record["key_ids"][:budget]
-    best_of: dict[int, float] = {}
-    for i, r in zip(ids, rewards):
-        best_of[i] = max(best_of.get(i, -math.inf), float(r))
-    top = sorted(best_of.values(), reverse=True)[:k]
-    hit = np.flatnonzero(rewards >= optimum - tol)
-    best = float(rewards.max())
-    return {"best": best, "regret": max(0.0, optimum - best), "top_mean": float(np.mean(top)),
-            "to_optimum": int(hit[0]) + 1 if len(hit) else None, "distinct": len(best_of),
-            "seconds": float(record["seconds"]) * min(1.0, budget / max(1, len(record["rewards"])))}
+    """One run's numbers over its first ``budget`` samples (``nos_gym.agents.reference.search_metrics``:
+    best, regret, top-k distinct mean, samples until the optimum, distinct rules) and its seconds."""
+    from nos_gym.agents.reference import search_metrics
+
+    numbers = search_metrics(record["rewards"][:budget], record["key_ids"][:budget], optimum, k, tol)
+    numbers["seconds"] = float(record["seconds"]) * min(1.0, budget / max(1, len(record["rewards"])))
+    return numbers
 
 
 def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
@@ -602,6 +634,68 @@ def tune_lines(env: EnvSpec, chosen: dict[str, dict[str, Any]], a: argparse.Name
     return lines
 
 
+# ---------------------------------------------------------------------------- reference
+def _commit() -> str:
+    """The short commit, with "+ uncommitted changes" when the code differs from it (the reference file
+    itself, which this writes, not counted)."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*argv: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(root), *argv], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "--short", "HEAD")
+    if commit is None:
+        return "unknown commit"
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "nos_gym", "benchmarks", "agents",
+                f":!{REFERENCE_PATH.relative_to(root)}")
+    return f"{commit} + uncommitted changes" if dirty else commit
+
+
+def reference_entry(env: EnvSpec, numbers: dict[str, Any], seeds: Sequence[int], k: int,
+                    argv: Sequence[str]) -> dict[str, Any]:
+    """One env's entry of the reference file: per budget, per reference variant that ran, the quartiles
+    of the top-k distinct mean and the median samples until the optimum, with where they come from."""
+    from nos_gym.agents.config import RunArgs
+    from nos_gym.agents.reference import env_key
+
+    defaults = RunArgs()
+    constraints = {c: getattr(defaults, c) for c in ("distinct_operands", "no_final_addition", "reuse_result")}
+    budgets: dict[str, Any] = {}
+    for budget, per in numbers.items():
+        for variant, label in REFERENCE_VARIANTS.items():
+            runs = per.get(variant)
+            if not runs:
+                continue
+            reached = [r["to_optimum"] for r in runs if r["to_optimum"] is not None]
+            budgets.setdefault(budget, {})[label] = {
+                "variant": variant, "runs": len(runs), "top_mean": list(quartiles([r["top_mean"] for r in runs])),
+                "to_optimum_median": statistics.median(reached) if reached else None,
+                "to_optimum_reached": len(reached)}
+    span = f"{len(seeds)} seeds, {min(seeds)}-{max(seeds)}" if seeds else "no seeds"
+    return {"env_id": env.env_id,
+            "env_key": env_key(env.task, env.task_options, env.space, env.depth, constraints),
+            "optimum": env.optimum, "top_k": k, "seeds": span,
+            "made": f"{time.strftime('%Y-%m-%d')}, commit {_commit()}, {agents_compare._machine()}",
+            "source": "docs/results.md; python benchmarks/bench_agents.py " + " ".join(argv),
+            "budgets": budgets}
+
+
+def write_reference(path: Path, entries: Sequence[dict[str, Any]]) -> Path:
+    """Merge ``entries`` into the reference file at ``path`` (an env already there is replaced), atomically."""
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    keep = [e for e in old.get("envs", []) if e.get("env_key") not in {n["env_key"] for n in entries}]
+    data = {"about": "medians of benchmarks/bench_agents.py that a finished agent run is set beside "
+                     "(nos_gym/agents/reference.py)", "envs": [*keep, *entries]}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
 # --------------------------------------------------------------------------------- main
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     a = parse_cli(argv)
@@ -611,6 +705,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     extra = extra_settings(a.set)
     envs = env_specs(a)
     results: dict[str, Any] = {}
+    references: list[dict[str, Any]] = []
     lines = [f"bench_agents: seeds {a.seeds[0]}..{a.seeds[-1]} ({len(a.seeds)}), agents {a.agents}; "
              f"{agents_compare._machine()}; {a.jobs} job(s)", ""]
     t0 = time.perf_counter()
@@ -643,11 +738,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         lines += env_lines
         results[env.env_id] = {"numbers": numbers, "optimum": env.optimum, "budgets": env.budgets,
                                "tuning": chosen}
+        if a.write_reference is not None:
+            references.append(reference_entry(env, numbers, a.seeds, a.top, sys.argv[1:] if argv is None else argv))
         if not a.no_plot:
             slug = env.env_id.replace("/", "_")
             plot(env, variants, a.seeds, done, a.out / f"{slug}.png")
             lines.append(f"plot: {a.out / f'{slug}.png'}")
             lines.append("")
+    if references:
+        lines.append(f"reference medians written to {write_reference(a.write_reference, references)}")
     lines.append(f"wall time of this invocation: {format_seconds(time.perf_counter() - t0)}")
     text = "\n".join(lines)
     print(text)

@@ -3,8 +3,10 @@
 ``tests/settings_before.json`` holds the outcomes of the hand-written argparse parser that
 ``nos_gym/agents/config.py`` had before it moved to a settings library; ``test_config_parse``
 checks that the parser of today gives the same settings, the same ``ConfigError`` messages and
-the same exit status for every case. Regenerate the file (only when a change of behaviour is
-meant) with ``python tests/settings_cases.py``.
+the same exit status for every case. Regenerating the file with ``python tests/settings_cases.py``
+records today's parser, which loses the old parser's own messages on malformed flags: when a
+change of behaviour is meant (a default changed, 2026-12-05: TRPO-LSTM's tuned defaults), move
+only the values that change, and check that each moved from the old default to the new one.
 
 A case is ``(agent, argv, files)``: ``files`` are written into a fresh directory first (its path
 replaces ``{tmp}`` in argv and in the recorded outcome, as the repository's replaces ``{root}``); a file whose content is a dict is a run's

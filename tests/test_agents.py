@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -382,10 +383,23 @@ def test_guided_evolution_children_come_from_the_population():
     assert np.array_equal(again.children(masker), children)  # its own seeded stream
 
 
+def test_trpo_lstm_defaults_are_the_setting_the_tuning_protocol_chose():
+    """agents/trpo_lstm.py's defaults are the configuration benchmarks/bench_agents.py --tune chose on
+    Rosenbrock (its committed tune.json); a retuning must move them together."""
+    from pathlib import Path
+
+    from nos_gym.agents.trpo_lstm import Args
+
+    tune = json.loads((Path(__file__).parents[1] / "benchmarks/out/bench_agents/tune.json").read_text())
+    chosen = tune["envs"]["OptimizerSearch-Rosenbrock-v0"]["tuning"]["trpo_lstm"]["config"]
+    assert chosen and {k: getattr(Args(), k) for k in chosen} == chosen
+
+
 def test_presets_set_the_controller_and_lose_to_flags(tmp_path):
     from nos_gym.agents.config import ConfigError, parse_args
     from nos_gym.agents.trpo_lstm import Args
 
+    defaults = dataclasses.asdict(Args())
     paper, _ = parse_args(Args, ["--preset", "paper"])
     assert (paper.max_kl, paper.baseline, paper.pqt_k, paper.evolution_fraction, paper.entropy_coef) == \
         (0.01, "ema", 0, 0.0, 0.0015)
@@ -396,13 +410,13 @@ def test_presets_set_the_controller_and_lose_to_flags(tmp_path):
     config.write_text("preset: hybrid\nmax_kl: 0.3\n")
     hybrid, _ = parse_args(Args, ["--config", str(config)])
     assert hybrid.evolution_fraction == 0.5 and hybrid.max_kl == 0.3 and hybrid.pqt_k == 10
-    assert Args().pqt_k == 0 and Args().evolution_fraction == 0.0 and Args().preset == ""  # defaults unchanged
+    assert dataclasses.asdict(Args()) == defaults and Args().preset == ""  # the presets left the defaults alone
     with pytest.raises(ConfigError, match="unknown preset 'fast'"):
         parse_args(Args, ["--preset", "fast"])
     with pytest.raises(ConfigError, match="evolution_fraction"):
         parse_args(Args, ["--evolution-fraction", "0.99", "--num-envs", "20"])
     with pytest.raises(ConfigError, match="pqt_policy_gradient"):
-        parse_args(Args, ["--no-pqt-policy-gradient"])
+        parse_args(Args, ["--no-pqt-policy-gradient", "--pqt-k", "0"])
 
 
 @pytest.mark.parametrize("agent", ["trpo_lstm", "reinforce_lstm"])

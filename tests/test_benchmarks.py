@@ -350,14 +350,24 @@ def test_bench_agents_smoke_runs_every_agent_and_resumes(tmp_path, capsys):
     assert (out / env / "evolution" / "s0.json").stat().st_mtime_ns == stamp
     assert "0 runs finished before" not in capsys.readouterr().err
     assert (out / env / "random_search" / "s1.json").exists()
+    # a run made with other settings (an agent's defaults changed since) is run again
+    path = out / env / "evolution" / "s1.json"
+    record = json.loads(path.read_text())
+    assert record["settings"]["population_size"] == 10  # the smoke setting, resolved
+    record["settings"]["population_size"] = 11
+    path.write_text(json.dumps(record))
+    bench_agents.main(["--smoke", "--out", str(out), "--agents", "evolution", "--no-plot"])
+    assert json.loads(path.read_text())["settings"]["population_size"] == 10
+    assert (out / env / "evolution" / "s0.json").stat().st_mtime_ns == stamp
 
 
 def test_bench_agents_tuning_protocol_reports_only_fresh_seeds(tmp_path):
     import bench_agents
 
     out = tmp_path / "tune"
+    ref = tmp_path / "reference.json"
     results = bench_agents.main(["--smoke", "--tune", "--agents", "evolution", "--seeds", "100-101",
-                                 "--out", str(out), "--no-plot"])
+                                 "--out", str(out), "--no-plot", "--write-reference", str(ref)])
     env = results["OptimizerSearch-RosenbrockSmall-v0"]
     for agent in ("trpo_lstm", "evolution"):
         tried = env["tuning"][agent]["tried"]
@@ -369,6 +379,13 @@ def test_bench_agents_tuning_protocol_reports_only_fresh_seeds(tmp_path):
     text = (out / "tune.md").read_text()
     assert "### tuning on" in text and "vs tuned_evolution" in text
     assert json.loads((out / "tune.json").read_text())["protocol"]["tune_seeds"] == [0, 1]
+    # the reference medians a finished run is set beside: the tuned agents and evolution, per budget
+    entry = json.loads(ref.read_text())["envs"][0]
+    assert entry["env_id"] == "OptimizerSearch-RosenbrockSmall-v0" and entry["seeds"] == "2 seeds, 100-101"
+    assert set(entry["budgets"]["60"]) == {"regularized evolution, tuned", "regularized evolution",
+                                           "TRPO-LSTM, tuned"}
+    tuned = entry["budgets"]["60"]["regularized evolution, tuned"]
+    assert tuned["runs"] == 2 and tuned["top_mean"][0] <= tuned["top_mean"][1] <= tuned["top_mean"][2]
 
 
 def test_bench_agents_on_a_nosbench_table_reports_regret_to_its_optimum(tmp_path):

@@ -31,11 +31,14 @@ def strings(records):
 
 
 # ------------------------------------------------------------------------------ config
-def test_defaults_are_the_papers_controller(trpo):
+def test_the_papers_controller_is_one_flag_away(trpo):
     args, resume = parse_args(trpo.Args, [], agent="trpo_lstm")
-    assert resume is None
-    assert (args.hidden_size, args.init_scale, args.entropy_coef) == (150, 0.08, 0.0015)
-    assert args.task == "rosenbrock"
+    assert resume is None and args.task == "rosenbrock"
+    assert (args.hidden_size, args.pqt_k, args.evolution_fraction) == (64, 10, 0.5)  # the tuned defaults
+    paper, _ = parse_args(trpo.Args, ["--preset", "paper"], agent="trpo_lstm")
+    assert (paper.hidden_size, paper.init_scale, paper.entropy_coef, paper.baseline, paper.max_kl) == \
+        (150, 0.08, 0.0015, "ema", 0.01)
+    assert (paper.pqt_k, paper.evolution_fraction) == (0, 0.0)
 
 
 def test_config_file_then_flags(trpo, tmp_path):
@@ -224,7 +227,7 @@ def test_run_directory_contents(trpo, tmp_path):
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["agent"] == "trpo_lstm" and saved["num_envs"] == 8 and saved["task_options"] == {"iterations": 200}
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
-    assert set(ckpt["state"]) == {"policy", "generator", "baseline"}
+    assert set(ckpt["state"]) == {"policy", "generator", "baseline", "queue", "guide"}  # the tuned defaults: PQT, guided evolution
     assert set(ckpt["global_rng"]) == {"python", "numpy", "torch"}
     top = json.loads((run_dir / "top.json").read_text())
     txt = (run_dir / "top.txt").read_text()

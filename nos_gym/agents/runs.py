@@ -59,6 +59,7 @@ import numpy as np
 import torch
 
 from nos_gym.agents.config import ConfigError, RunArgs
+from nos_gym.agents.reference import comparison, env_key
 from nos_gym.agents.rundir import (
     CONFIG_FILE,
     RunDir,
@@ -410,6 +411,19 @@ class Run:
         self.dir.write_atomic(TOP_JSON, (json.dumps(top, indent=1) + "\n").encode())
         return text
 
+    def versus_benchmark(self) -> str | None:
+        """This finished run beside the agents benchmark's medians on the same env and budget
+        (``nos_gym.agents.reference``); None where the benchmark has no such env and budget."""
+        a = self.args
+        key = env_key(a.task, a.task_options, a.space, a.depth,
+                      {"distinct_operands": a.distinct_operands, "no_final_addition": a.no_final_addition,
+                       "reuse_result": a.reuse_result})
+        try:
+            records = self.records[: a.total_rules]
+            return comparison(key, [r["reward"] for r in records], [r["key"] for r in records])
+        except ValueError as e:  # a damaged reference file costs the comparison, never the run
+            return f"(no comparison with the agents benchmark: {e})"
+
     # ------------------------------------------------------------------ errors
     def _store_error(self, e: sqlite3.Error) -> RunError:
         text = one_line(e)
@@ -462,6 +476,10 @@ class Run:
                 else:
                     if error is None and (exc_type is None or hard_stop):
                         print(text)
+                    if error is None and exc_type is None and not self.interrupted and self.finished:
+                        versus = self.versus_benchmark()
+                        if versus:
+                            print(versus)
             if error is None and exc_type is None and not self.interrupted and self.finished and self.args.promote:
                 error = self._promote_at_end()
             if self.interrupted and error is None:

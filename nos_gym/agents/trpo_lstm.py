@@ -5,25 +5,29 @@ batch of rules is scored together by the ``OptimizerSearch-v0`` vector env; the
 controller is trained to maximise the expected score with Trust Region Policy
 Optimization (section 3.2):
 
-- the network (section 4.2): a single-layer LSTM with hidden state 150, weights uniform in
-  [-0.08, 0.08], a separate softmax for each position (the operand bank grows), and the
+- the network (section 4.2): a single-layer LSTM (the paper: hidden state 150, weights uniform
+  in [-0.08, 0.08]), a separate softmax for each position (the operand bank grows), and the
   env's masks applied to the logits as -inf (section 4.1);
 - the objective: J = E[R] plus an entropy bonus (the paper's "entropy penalty", 0.0015);
 - the baseline: an exponential moving average of rewards (section 3.2), or, with
   ``--baseline risk_seeking``, dso's risk-seeking gradient (``nos_gym/agents/advantage.py``);
-- beyond the paper (``nos_gym/agents/guidance.py``), both off unless asked for:
-  ``--pqt-k K`` adds priority-queue training (the best K distinct rules so far, their
-  log-likelihood in every update's objective, weight ``--pqt-weight``), and
-  ``--evolution-fraction F`` makes that fraction of each batch children of a regularized-evolution
-  population that the controller's samples seed (dso's neural-guided hybrid);
+- beyond the paper (``nos_gym/agents/guidance.py``): priority-queue training (``--pqt-k K``:
+  the best K distinct rules so far, their log-likelihood in every update's objective, weight
+  ``--pqt-weight``) and neural-guided evolution (``--evolution-fraction F``: that fraction of
+  each batch are children of a regularized-evolution population that the controller's samples
+  seed; dso's hybrid);
 - the update: TRPO -- the natural-gradient direction by conjugate gradient on the
   Fisher (the Hessian of the KL), scaled to the trust region ``max_kl``, then a
   backtracking line search that accepts the first step that improves the surrogate and
   keeps the KL within ``max_kl``.
 
+The defaults are the setting the agents benchmark chose by its tuning protocol (``Args``), with
+both additions on; ``--preset paper`` is the paper's controller (EMA baseline, LSTM of 150,
+max_kl 0.01, neither addition).
+
 Run it::
 
-    python agents/trpo_lstm.py                       # Rosenbrock fast reward, 3,000 rules, ~15 s on one CPU core
+    python agents/trpo_lstm.py                       # Rosenbrock fast reward, 3,000 rules, ~10 s on one CPU core
     python agents/trpo_lstm.py --total-rules 20000 --space small --depth 1
     python agents/trpo_lstm.py --config configs/paper.yaml   # the paper's settings (CIFAR-10 child)
     python agents/trpo_lstm.py --preset paper        # the paper's controller settings, on any task
@@ -66,11 +70,34 @@ from nos_gym.agents.guidance import guidance_state, guidance_stats, guided_rollo
 class Args(ControllerArgs):
     """TRPO-LSTM settings. Shared ones (task, space, depth, constraints, budget, seed, paths) are
     in ``nos_gym.agents.config.RunArgs``, the controller's (network, entropy, baseline) in
-    ``ControllerArgs``; ``--help`` lists them all. The budget's defaults: 3,000 rules, 100 per
-    TRPO update (the paper: 5; the batched Rosenbrock task scores 100 rules in about the time
-    of 10, so more rules per update are cheap)."""
+    ``ControllerArgs``; ``--help`` lists them all.
 
-    max_kl: float = 0.02
+    The defaults are the setting that the agents benchmark's tuning protocol chose on
+    Rosenbrock (``benchmarks/bench_agents.py --tune``; docs/results.md): 50 rules per update,
+    max_kl 0.1, the EMA baseline at decay 0.95, entropy 0.01, an LSTM of 64, priority-queue
+    training (10 rules, weight 3) and neural-guided evolution on half of each batch. The
+    paper's controller is ``--preset paper``."""
+
+    # the tuned values of shared settings (their meaning: RunArgs, ControllerArgs)
+    num_envs: int = 50
+    """rules sampled per batch; the vector env scores them as one batch"""
+    hidden_size: int = 64
+    """LSTM hidden state size (section 4.2)"""
+    entropy_coef: float = 0.01
+    """weight of the entropy bonus in the objective (section 4.2's entropy penalty)"""
+    baseline_decay: float = 0.95
+    """EMA baseline: b <- decay * b + (1 - decay) * mean batch reward"""
+    pqt_k: int = 10
+    """priority-queue training (Abolafia et al. 2018): keep the best pqt_k distinct rules sampled so far
+    and add pqt_weight * their mean log-likelihood to every update's objective; 0: off (the paper)"""
+    pqt_weight: float = 3.0
+    """weight of the queue's mean log-likelihood in the objective (pqt_k > 0)"""
+    evolution_fraction: float = 0.5
+    """neural-guided evolution (dso's hybrid): round(evolution_fraction * num_envs) rules of each batch are
+    children of a regularized-evolution population that the controller's samples join; the controller
+    trains on the whole batch (and, with pqt_k, on the best rules of both); 0: off (the paper)"""
+
+    max_kl: float = 0.1
     """trust region: mean KL(old || new) of a rule's token distributions, summed over its positions"""
     cg_iters: int = 10
     """conjugate-gradient iterations for the natural-gradient direction"""
