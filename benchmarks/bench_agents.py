@@ -221,7 +221,8 @@ def env_specs(a: argparse.Namespace) -> list[EnvSpec]:
         options = dict(a.task_options if a.task_options is not None else smoke)
         if kw["task"] == "nosbench":
             table = bench.load(a.table)  # the shipped default when --table is not given
-            options.setdefault("table", str(table.path))
+            if a.table is not None:  # the default table is the task's own default: runs and reference name none
+                options.setdefault("table", str(table.path))
             if a.hurdle is not None:
                 options.setdefault("hurdle", a.hurdle)
             optimum, source = table.optimum(options.get("hurdle")), f"the best reward of table {table.name}"
