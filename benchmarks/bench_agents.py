@@ -747,7 +747,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             lines.append(f"plot: {a.out / f'{slug}.png'}")
             lines.append("")
     if references:
-        lines.append(f"reference medians written to {write_reference(a.write_reference, references)}")
+        written = write_reference(a.write_reference, references).resolve()
+        root = REFERENCE_PATH.parents[2]
+        lines.append(f"reference medians written to {written.relative_to(root) if written.is_relative_to(root) else written}")
     lines.append(f"wall time of this invocation: {format_seconds(time.perf_counter() - t0)}")
     text = "\n".join(lines)
     print(text)
