@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import signal
@@ -271,7 +272,13 @@ def test_cifar_configs_load_and_a_tiny_cifar_cpu_search_runs_and_promotes(trpo, 
     from nos_gym.cli import main as cli
 
     cpu, _ = parse_args(trpo.Args, ["--config", str(ROOT / "configs" / "cifar_cpu.yaml")], agent="trpo_lstm")
-    assert cpu.task == "convnet-cifar10" and cpu.backend == "process" and cpu.baseline == "risk_seeking"
+    assert cpu.task == "convnet-cifar10" and cpu.backend == "process" and cpu.num_envs == 20
+    # its controller is the setting the tuning protocol chose on NOS-Bench (benchmarks/out/bench_agents/tune.json)
+    tune = json.loads((ROOT / "benchmarks/out/bench_agents/tune.json").read_text())
+    chosen = {**dataclasses.asdict(trpo.Args()), **tune["envs"]["OptimizerSearch-Bench-v0"]["tuning"]["trpo_lstm"]["config"]}
+    knobs = ("max_kl", "baseline", "baseline_decay", "entropy_coef", "hidden_size", "pqt_k", "pqt_weight",
+             "evolution_fraction", "init_scale")
+    assert {k: getattr(cpu, k) for k in knobs} == {k: chosen[k] for k in knobs}
     assert cpu.task_options == {"preset": "cpu", "schedule": "halving", "hurdle": 0.277}
     gpu = yaml.safe_load((ROOT / "configs" / "cifar_gpu.yaml").read_text())
     assert gpu["task_options"]["preset"] == "paper" and gpu["agent"] == "trpo_lstm"
