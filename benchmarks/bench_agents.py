@@ -663,8 +663,6 @@ def reference_entry(env: EnvSpec, numbers: dict[str, Any], seeds: Sequence[int],
     from nos_gym.agents.config import RunArgs
     from nos_gym.agents.reference import env_key
 
-    defaults = RunArgs()
-    constraints = {c: getattr(defaults, c) for c in ("distinct_operands", "no_final_addition", "reuse_result")}
     budgets: dict[str, Any] = {}
     for budget, per in numbers.items():
         for variant, label in REFERENCE_VARIANTS.items():
@@ -678,7 +676,9 @@ def reference_entry(env: EnvSpec, numbers: dict[str, Any], seeds: Sequence[int],
                 "to_optimum_reached": len(reached)}
     span = f"{len(seeds)} seeds, {min(seeds)}-{max(seeds)}" if seeds else "no seeds"
     return {"env_id": env.env_id,
-            "env_key": env_key(env.task, env.task_options, env.space, env.depth, constraints),
+            # the agents ran with the default constraints (EnvSpec.agent_flags sets none)
+            "env_key": env_key(RunArgs(task=env.task, task_options=env.task_options, space=env.space,
+                                       depth=env.depth)),
             "optimum": env.optimum, "top_k": k, "seeds": span,
             "made": f"{time.strftime('%Y-%m-%d')}, commit {_commit()}, {agents_compare._machine()}",
             "source": "docs/results.md; python benchmarks/bench_agents.py " + " ".join(argv),

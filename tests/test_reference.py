@@ -21,29 +21,23 @@ def test_search_metrics_counts_distinct_rules_and_the_first_sample_at_the_optimu
         reference.search_metrics([], [], optimum=1.0)
 
 
-def _key(args: RunArgs) -> str:
-    return reference.env_key(args.task, args.task_options, args.space, args.depth,
-                             {"distinct_operands": args.distinct_operands,
-                              "no_final_addition": args.no_final_addition, "reuse_result": args.reuse_result})
-
-
 def test_the_main_job_is_set_beside_the_shipped_benchmark():
     """python agents/trpo_lstm.py (its defaults) searches an env and budget the shipped file covers,
     so the main job ends with the comparison the README shows."""
     args = TRPOArgs()
     data = reference.load_reference()
-    entry = next(e for e in data["envs"] if e["env_key"] == _key(args))
+    entry = next(e for e in data["envs"] if e["env_key"] == reference.env_key(args))
     at = entry["budgets"][str(args.total_rules)]
     assert {"regularized evolution, tuned", "TRPO-LSTM, tuned"} <= set(at)
     tuned = at["TRPO-LSTM, tuned"]
     assert tuned["runs"] == 20 and len(tuned["top_mean"]) == 3
     rewards = [0.5] * (args.total_rules - 1) + [1.0]
-    text = reference.comparison(_key(args), rewards, list(range(args.total_rules)))
+    text = reference.comparison(reference.env_key(args), rewards, list(range(args.total_rules)))
     assert text is not None and "this run" in text and f"reached after {args.total_rules:,} samples" in text
     assert "regularized evolution, tuned" in text and entry["source"] in text
     # another budget or env: nothing to compare with
-    assert reference.comparison(_key(args), rewards[:-1], list(range(args.total_rules - 1))) is None
-    assert reference.comparison(_key(RunArgs(space="small")), rewards, list(range(args.total_rules))) is None
+    assert reference.comparison(reference.env_key(args), rewards[:-1], list(range(args.total_rules - 1))) is None
+    assert reference.comparison(reference.env_key(RunArgs(space="small")), rewards, list(range(args.total_rules))) is None
 
 
 def test_a_damaged_reference_file_names_itself(tmp_path):

@@ -6,13 +6,14 @@ reports (best reward, regret, top-k distinct mean, samples until the optimum, di
 ``reference_results.json`` (beside this module, package data) holds the benchmark's medians for
 the envs and budgets it measured, with the command, commit, date and machine that made them;
 ``bench_agents.py --write-reference`` writes it. At the end of a finished run,
-``comparison(args, records)`` gives the lines that set the run beside those medians, when the run
-searched the same env (task, options, space, depth, constraints) with the same budget; None
-otherwise. A run is one seed: the benchmark's interquartile range says how far one seed strays.
+``comparison(env_key(args), rewards, keys)`` gives the lines that set the run beside those
+medians, when the run searched the same env (task, options, space, depth, constraints) with the
+same budget; None otherwise. A run is one seed: the benchmark's interquartile range says how far one seed strays.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from nos_gym.dsl import Constraints
 
 __all__ = ["REFERENCE_FILE", "comparison", "env_key", "load_reference", "search_metrics"]
 
@@ -47,11 +50,12 @@ def search_metrics(rewards: Sequence[float], keys: Sequence[Any], optimum: float
             "to_optimum": int(hit[0]) + 1 if len(hit) else None, "distinct": len(best_of)}
 
 
-def env_key(task: str, task_options: Mapping[str, Any] | None, space: str, depth: int,
-            constraints: Mapping[str, Any]) -> str:
-    """The env a search ran on, as one comparable string (JSON with sorted keys)."""
-    return json.dumps({"task": task, "task_options": dict(task_options or {}), "space": space, "depth": int(depth),
-                       "constraints": dict(constraints)}, sort_keys=True)
+def env_key(args: Any) -> str:
+    """The env a search with settings ``args`` (a ``RunArgs``) ran on: its task, task options, space,
+    depth and constraints, as one comparable string (JSON with sorted keys)."""
+    constraints = {f.name: getattr(args, f.name) for f in dataclasses.fields(Constraints)}
+    return json.dumps({"task": args.task, "task_options": dict(args.task_options or {}), "space": args.space,
+                       "depth": int(args.depth), "constraints": constraints}, sort_keys=True)
 
 
 @lru_cache(maxsize=4)

@@ -414,13 +414,9 @@ class Run:
     def versus_benchmark(self) -> str | None:
         """This finished run beside the agents benchmark's medians on the same env and budget
         (``nos_gym.agents.reference``); None where the benchmark has no such env and budget."""
-        a = self.args
-        key = env_key(a.task, a.task_options, a.space, a.depth,
-                      {"distinct_operands": a.distinct_operands, "no_final_addition": a.no_final_addition,
-                       "reuse_result": a.reuse_result})
+        records = self.records[: self.args.total_rules]
         try:
-            records = self.records[: a.total_rules]
-            return comparison(key, [r["reward"] for r in records], [r["key"] for r in records])
+            return comparison(env_key(self.args), [r["reward"] for r in records], [r["key"] for r in records])
         except ValueError as e:  # a damaged reference file costs the comparison, never the run
             return f"(no comparison with the agents benchmark: {e})"
 
@@ -463,6 +459,7 @@ class Run:
             self.interrupted = True
         failed = exc_type is not None and issubclass(exc_type, Exception)
         error = self._as_run_error(exc) if failed else None
+        completed = exc_type is None and not self.interrupted and self.finished  # ran its whole budget
         try:
             self.close()
             if failed and not self.resumed and not self.records:
@@ -476,11 +473,11 @@ class Run:
                 else:
                     if error is None and (exc_type is None or hard_stop):
                         print(text)
-                    if error is None and exc_type is None and not self.interrupted and self.finished:
+                    if error is None and completed:
                         versus = self.versus_benchmark()
                         if versus:
                             print(versus)
-            if error is None and exc_type is None and not self.interrupted and self.finished and self.args.promote:
+            if error is None and completed and self.args.promote:
                 error = self._promote_at_end()
             if self.interrupted and error is None:
                 print(f"[nos-gym] stopped after {self.samples} rules ({self.batch_index} batches checkpointed); "
