@@ -54,7 +54,6 @@ import os
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -220,7 +219,10 @@ def env_specs(a: argparse.Namespace) -> list[EnvSpec]:
         smoke = {"iterations": 100} if a.smoke and kw["task"] == "rosenbrock" else {}  # NOS-Bench takes no such option
         options = dict(a.task_options if a.task_options is not None else smoke)
         if kw["task"] == "nosbench":
-            table = bench.load(a.table)  # the shipped default when --table is not given
+            try:
+                table = bench.load(a.table)  # the shipped default when --table is not given
+            except bench.TableError as e:
+                raise SystemExit(f"error: {e} (make one with nos-gym tabulate, or pass --table)") from None
             if a.table is not None:  # the default table is the task's own default: runs and reference name none
                 options.setdefault("table", str(table.path))
             if a.hurdle is not None:
@@ -637,23 +639,14 @@ def tune_lines(env: EnvSpec, chosen: dict[str, dict[str, Any]], a: argparse.Name
 
 # ---------------------------------------------------------------------------- reference
 def _commit() -> str:
-    """The short commit, with "+ uncommitted changes" when the code differs from it (the reference file
-    itself, which this writes, not counted)."""
-    root = Path(__file__).resolve().parents[1]
+    """The short commit, with "+ uncommitted changes" when the code differs from it (the outputs of
+    benchmarks, and the reference file this writes, not counted)."""
+    from nos_gym.provenance import ROOT, git_commit
 
-    def git(*argv: str) -> str | None:
-        try:
-            out = subprocess.run(["git", "-C", str(root), *argv], capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    commit = git("rev-parse", "--short", "HEAD")
+    commit, dirty = git_commit(("nos_gym", "benchmarks", "agents"), exclude=("benchmarks/out", str(REFERENCE_PATH.relative_to(ROOT))))
     if commit is None:
         return "unknown commit"
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "nos_gym", "benchmarks", "agents",
-                f":!{REFERENCE_PATH.relative_to(root)}")
-    return f"{commit} + uncommitted changes" if dirty else commit
+    return f"{commit[:7]} + uncommitted changes" if dirty else commit[:7]
 
 
 def reference_entry(env: EnvSpec, numbers: dict[str, Any], seeds: Sequence[int], k: int,

@@ -350,10 +350,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         return worker(args.worker)
+    from nos_gym.provenance import git_commit
+
     load0 = os.getloadavg()[0]
     print(f"machine: {platform.machine()} {platform.processor() or ''} ({os.cpu_count()} cores); python "
           f"{platform.python_version()}; load average at start {load0:.2f}; "
-          f"commit {subprocess.run(['git', '-C', str(ROOT), 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()}")
+          f"commit {(git_commit()[0] or 'unknown')[:7]}")
     if args.only == "trainer":
         trainer_table(args)
         return

@@ -306,6 +306,37 @@ def test_seed_compare_pairs_rules_by_child_seed(tmp_path, capsys):
         seed_compare.main([str(tmp_path)])
 
 
+def test_bench_agents_without_a_table_says_so_in_one_line(tmp_path):
+    import bench_agents
+
+    with pytest.raises(SystemExit, match=r"^error: no NOS-Bench table file at .*missing\.csv\.gz .*nos-gym tabulate"):
+        bench_agents.main(["--envs", "OptimizerSearch-Bench-v0", "--table", str(tmp_path / "missing.csv.gz"),
+                           "--out", str(tmp_path / "out")])
+
+
+def test_provenance_names_the_commit_and_sees_an_uncommitted_change(tmp_path, monkeypatch):
+    import subprocess
+
+    from nos_gym import provenance
+
+    repo = tmp_path / "repo"
+    (repo / "nos_gym").mkdir(parents=True)
+    (repo / "nos_gym" / "a.py").write_text("x = 1\n")
+    (repo / "benchmarks" / "out").mkdir(parents=True)
+    git = ["git", "-C", str(repo), "-c", "user.email=t@t", "-c", "user.name=t"]
+    for argv in (["init", "-q"], ["add", "."], ["commit", "-qm", "c"]):
+        subprocess.run(git + argv, check=True)
+    head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    monkeypatch.setattr(provenance, "ROOT", repo)
+    assert provenance.git_commit() == (head, False)
+    (repo / "benchmarks" / "out" / "t.md").write_text("output\n")  # an output, excluded below
+    assert provenance.git_commit(("nos_gym", "benchmarks"), exclude=("benchmarks/out",)) == (head, False)
+    (repo / "nos_gym" / "a.py").write_text("x = 2\n")
+    assert provenance.git_commit() == (head, True)
+    monkeypatch.setattr(provenance, "ROOT", tmp_path / "not-a-checkout")
+    assert provenance.git_commit() == (None, None)
+
+
 # --------------------------------------------------------------- bench_agents (issue 22)
 def test_bench_agents_statistics_are_the_textbook_ones():
     import bench_agents

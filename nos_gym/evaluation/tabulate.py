@@ -38,7 +38,6 @@ import datetime as _dt
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -247,20 +246,10 @@ def _host() -> dict[str, Any]:
 def _code() -> dict[str, Any]:
     """The nos-gym version and, in a git checkout, the commit and whether nos_gym/ has uncommitted changes."""
     from nos_gym import __version__
+    from nos_gym.provenance import git_commit
 
-    root = Path(__file__).resolve().parents[2]
-    out: dict[str, Any] = {"version": __version__, "commit": None, "dirty": None}
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10)
-        if commit.returncode == 0:
-            out["commit"] = commit.stdout.strip()
-            status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "nos_gym"],
-                                    capture_output=True, text=True, timeout=10)
-            out["dirty"] = bool(status.stdout.strip()) if status.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return out
+    commit, dirty = git_commit(("nos_gym",))
+    return {"version": __version__, "commit": commit, "dirty": dirty}
 
 
 def _source(rec: Record) -> str:
