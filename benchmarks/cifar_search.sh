@@ -6,6 +6,7 @@
 # skips what is done.
 #
 #   nohup bash benchmarks/cifar_search.sh RUNS_ROOT RULES SEED > RUNS_ROOT.log 2>&1 &
+#   AGENTS="trpo_lstm evolution" PROMOTE=0 bash benchmarks/cifar_search.sh ...   # some agents, no promotion
 #   python benchmarks/cifar_report.py RUNS_ROOT            # the tables and Figure 4 of docs/results.md
 #
 # Every agent gets its own store, so each agent's child-images are its own (a shared store
@@ -20,6 +21,9 @@ mkdir -p "$ROOT"
 COMMON=(--task convnet-cifar10 --task-options "{preset: cpu, schedule: halving, hurdle: 0.277}"
         --space full --depth 2 --num-envs 20 --backend process --torch-threads 1 --eval-timeout 900
         --total-rules "$RULES" --seed "$SEED" --no-progress)
+
+AGENTS=(${AGENTS:-trpo_lstm random_search evolution})
+PROMOTE=${PROMOTE:-1}   # 0: no promotion and no classics on "fast" (the classics on the search's protocol stay)
 
 stamp() { date -u +%FT%TZ; }
 
@@ -39,14 +43,19 @@ run_agent() {  # NAME SCRIPT_ARGS...: a fresh run, or the resumed one
     echo "$(stamp) $name: finished in $((SECONDS - t0)) s this call"
 }
 
-run_agent trpo_lstm    agents/trpo_lstm.py --config configs/cifar_cpu.yaml "${COMMON[@]}" --promote "{}"
-run_agent random_search agents/random_search.py "${COMMON[@]}"
-run_agent evolution    agents/evolution.py "${COMMON[@]}"
+for name in "${AGENTS[@]}"; do
+    case $name in
+        trpo_lstm) run_agent trpo_lstm agents/trpo_lstm.py --config configs/cifar_cpu.yaml "${COMMON[@]}" --promote "{}" ;;
+        random_search|evolution) run_agent "$name" "agents/$name.py" "${COMMON[@]}" ;;
+        *) echo "error: unknown agent $name in AGENTS (trpo_lstm, random_search, evolution)" >&2; exit 2 ;;
+    esac
+done
 
 # promotion: the top 10 distinct rules of each agent on "fast" at 3 child seeds, ranked by the
 # mean; one store for all promotions (a rule two agents found is trained once per seed)
 SEEDS=(0 1 2)
-for name in trpo_lstm random_search evolution; do
+for name in "${AGENTS[@]}"; do
+    (( PROMOTE )) || break
     dir="$ROOT/$name-s$SEED"
     if [[ ! -f "$dir/promoted-fast-seeds0-1-2.json" ]]; then
         echo "$(stamp) promote $name"
@@ -59,6 +68,7 @@ done
 CLASSICS=(sgd momentum adam rmsprop powersign "(1 + sign(g) * sign(m)) * g")  # the last: AddSign
 for run in "cpu 0" "fast 0" "fast 1" "fast 2"; do
     read -r preset seed <<< "$run"
+    [[ $preset == fast ]] && (( ! PROMOTE )) && continue
     out="$ROOT/classics-$preset-s$seed.json"
     [[ -f "$out" ]] && continue
     opts="{preset: $preset, seed: $seed}"
