@@ -200,6 +200,31 @@ def test_the_shipped_table_has_one_row_per_canonical_rule():
     assert table.meta["protocol"]["schedule"] == "halving" and table.meta["protocol"].get("hurdle") is None
 
 
+@pytest.mark.skipif(not SHIPPED, reason="the NOS-Bench table is not shipped yet")
+def test_the_shipped_table_has_fast_scores_at_three_seeds_for_the_best_rules_and_the_references():
+    import statistics
+
+    table = bench.load()
+    test = table.meta["test"]
+    assert (test["name"], test["options"], test["seeds"]) == ("fast", {"preset": "fast"}, [0, 1, 2])
+    assert table.test_name == "fast" and len(test["fingerprints"]) == 3
+    best = sorted(table.rows.values(), key=lambda r: (-r["reward"], r["key"]))[:100]
+    for row in best:
+        per_seed = [row[f"fast_s{s}"] for s in (0, 1, 2)]
+        assert None not in per_seed, row["rule"]
+        assert row["fast_mean"] == pytest.approx(statistics.fmean(per_seed), abs=1e-9)
+        assert row["fast_sd"] == pytest.approx(statistics.stdev(per_seed), abs=1e-9)
+    refs = test["references"]
+    assert {"sgd", "momentum", "adam", "rmsprop", "powersign", "addsign"} <= set(refs)
+    for name, ref in refs.items():
+        assert len(ref["per_seed"]) == 3 and 0.0 <= ref["mean"] <= 1.0, name
+        if ref["in_space"]:  # its row carries the same numbers
+            assert table.rows[ref["key"]]["fast_s0"] == ref["per_seed"][0], name
+        else:
+            assert ref["key"] not in table.rows, name
+    assert refs["adam"]["mean"] > 0.5 and refs["adam"]["mean"] > refs["sgd"]["mean"]  # the references learn
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not SHIPPED, reason="the NOS-Bench table is not shipped yet")
 def test_twenty_random_rules_scored_live_reproduce_the_shipped_table():
