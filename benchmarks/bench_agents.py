@@ -641,7 +641,7 @@ def tune_lines(env: EnvSpec, chosen: dict[str, dict[str, Any]], a: argparse.Name
 def _commit() -> str:
     """The short commit, with "+ uncommitted changes" when the code differs from it (the outputs of
     benchmarks, and the reference file this writes, not counted)."""
-    from nos_gym.provenance import ROOT, git_commit
+    from nos_gym.evaluation.provenance import ROOT, git_commit
 
     commit, dirty = git_commit(("nos_gym", "benchmarks", "agents"), exclude=("benchmarks/out", str(REFERENCE_PATH.relative_to(ROOT))))
     if commit is None:

@@ -350,7 +350,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         return worker(args.worker)
-    from nos_gym.provenance import git_commit
+    from nos_gym.evaluation.provenance import git_commit
 
     load0 = os.getloadavg()[0]
     print(f"machine: {platform.machine()} {platform.processor() or ''} ({os.cpu_count()} cores); python "

@@ -317,7 +317,7 @@ def test_bench_agents_without_a_table_says_so_in_one_line(tmp_path):
 def test_provenance_names_the_commit_and_sees_an_uncommitted_change(tmp_path, monkeypatch):
     import subprocess
 
-    from nos_gym import provenance
+    from nos_gym.evaluation import provenance
 
     repo = tmp_path / "repo"
     (repo / "nos_gym").mkdir(parents=True)

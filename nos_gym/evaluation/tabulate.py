@@ -246,7 +246,7 @@ def _host() -> dict[str, Any]:
 def _code() -> dict[str, Any]:
     """The nos-gym version and, in a git checkout, the commit and whether nos_gym/ has uncommitted changes."""
     from nos_gym import __version__
-    from nos_gym.provenance import git_commit
+    from nos_gym.evaluation.provenance import git_commit
 
     commit, dirty = git_commit(("nos_gym",))
     return {"version": __version__, "commit": commit, "dirty": dirty}

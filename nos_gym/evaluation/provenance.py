@@ -14,7 +14,7 @@ from pathlib import Path
 __all__ = ["ROOT", "git_commit"]
 
 #: the checkout's root when nos_gym is imported from one (the folder above the package)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _git(*argv: str) -> str | None:
