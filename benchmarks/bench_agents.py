@@ -643,7 +643,8 @@ def _commit() -> str:
     benchmarks, and the reference file this writes, not counted)."""
     from nos_gym.evaluation.provenance import ROOT, git_commit
 
-    commit, dirty = git_commit(("nos_gym", "benchmarks", "agents"), exclude=("benchmarks/out", str(REFERENCE_PATH.relative_to(ROOT))))
+    commit, dirty = git_commit(("nos_gym", "benchmarks", "agents"),
+                               exclude=("benchmarks/out", str(REFERENCE_PATH.relative_to(ROOT))))
     if commit is None:
         return "unknown commit"
     return f"{commit[:7]} + uncommitted changes" if dirty else commit[:7]

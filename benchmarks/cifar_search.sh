@@ -54,15 +54,16 @@ done
 # promotion: the top 10 distinct rules of each agent on "fast" at 3 child seeds, ranked by the
 # mean; one store for all promotions (a rule two agents found is trained once per seed)
 SEEDS=(0 1 2)
-for name in "${AGENTS[@]}"; do
-    (( PROMOTE )) || break
-    dir="$ROOT/$name-s$SEED"
-    if [[ ! -f "$dir/promoted-fast-seeds0-1-2.json" ]]; then
-        echo "$(stamp) promote $name"
-        nos-gym promote "$dir" --preset fast --top 10 --seeds "${SEEDS[@]}" --backend process \
-            --store "$ROOT/promotion.sqlite"
-    fi
-done
+if (( PROMOTE )); then
+    for name in "${AGENTS[@]}"; do
+        dir="$ROOT/$name-s$SEED"
+        if [[ ! -f "$dir/promoted-fast-seeds0-1-2.json" ]]; then
+            echo "$(stamp) promote $name"
+            nos-gym promote "$dir" --preset fast --top 10 --seeds "${SEEDS[@]}" --backend process \
+                --store "$ROOT/promotion.sqlite"
+        fi
+    done
+fi
 
 # the classics, on the search's protocol and on "fast" at the same seeds, in the promotion store
 CLASSICS=(sgd momentum adam rmsprop powersign "(1 + sign(g) * sign(m)) * g")  # the last: AddSign

@@ -323,7 +323,7 @@ def test_provenance_names_the_commit_and_sees_an_uncommitted_change(tmp_path, mo
     (repo / "nos_gym").mkdir(parents=True)
     (repo / "nos_gym" / "a.py").write_text("x = 1\n")
     (repo / "benchmarks" / "out").mkdir(parents=True)
-    git = ["git", "-C", str(repo), "-c", "user.email=t@t", "-c", "user.name=t"]
+    git = ["git", "-C", str(repo), "-c", "user.email=t@t", "-c", "user.name=t", "-c", "commit.gpgsign=false"]
     for argv in (["init", "-q"], ["add", "."], ["commit", "-qm", "c"]):
         subprocess.run(git + argv, check=True)
     head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
