@@ -333,6 +333,9 @@ def test_summary_names_the_distribution_the_best_rules_and_a_hurdles_cuts(tmp_pa
     text = summary(bench.load(standin), top=5)
     assert "4,320 canonical rules" in text and "at chance" in text and "above ADAM" in text
     assert text.count("\n     ") >= 5 and "fast (mean, sd)" in text
+    assert f"  file {standin}\n" in text  # a table of the user's: its path
+    shipped = summary(bench.load("small1-cifar10-cpu"), top=1)
+    assert "  file shipped with nos_gym (small1-cifar10-cpu.csv.gz)\n" in shipped  # no machine's path in a report
     hand = summary(bench.load(hand_table(tmp_path / "h.csv.gz")), hurdle=0.3)
     assert "hurdle 0.3: cuts 1 rules at the sweep; 1 of the 50 best by reward are among them" in hand
     assert cli(["bench", str(standin), "-k", "3"]) == 0 and "small1-rosenbrock" in capsys.readouterr().out

@@ -335,6 +335,11 @@ def test_provenance_names_the_commit_and_sees_an_uncommitted_change(tmp_path, mo
     assert provenance.git_commit() == (head, True)
     monkeypatch.setattr(provenance, "ROOT", tmp_path / "not-a-checkout")
     assert provenance.git_commit() == (None, None)
+    # an installed package in a venv inside the checkout: git would answer for the enclosing clone
+    site = repo / ".venv" / "lib" / "site-packages"
+    site.mkdir(parents=True)
+    monkeypatch.setattr(provenance, "ROOT", site)
+    assert provenance.git_commit() == (None, None)
 
 
 # --------------------------------------------------------------- bench_agents (issue 22)

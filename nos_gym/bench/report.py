@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from nos_gym.bench.table import BenchTable
+from nos_gym.bench.table import TABLES_DIR, BenchTable
 from nos_gym.dsl import parse
 
 __all__ = ["CHANCE", "REFERENCES", "hurdle_cuts", "plot", "summary"]
@@ -33,7 +34,10 @@ def summary(table: BenchTable, top: int = 10, hurdle: float | None = None, refer
     ``hurdle``, which rules it cuts and how many of the 50 best are among them."""
     m = table.meta
     rewards = np.array([r["reward"] for r in table.rows.values()])
-    lines = [f"{table.name}: {table.covers()}", f"  file {table.path}"]
+    shipped = Path(table.path).resolve().parent == TABLES_DIR.resolve()
+    # a shipped table is named, not located: the report reads the same on every installation
+    where = f"shipped with nos_gym ({Path(table.path).name})" if shipped else str(table.path)
+    lines = [f"{table.name}: {table.covers()}", f"  file {where}"]
     task = m.get("task") or {}
     lines.append(f"  task {task.get('name')} ({task.get('fingerprint')}), options {task.get('options')}")
     made = m.get("made") or {}

@@ -2,7 +2,9 @@
 
 One definition for everything that stamps its output with the code that made it (a NOS-Bench
 table's metadata, the agent benchmark's reference medians, the throughput benchmark's header).
-Outside a git checkout (an installed wheel) the commit is ``None``.
+Outside a git checkout (an installed wheel) the commit is ``None``, also when the wheel's
+environment happens to sit inside some other checkout: only a checkout whose root holds the
+package counts.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ def git_commit(paths: Sequence[str] = ("nos_gym",), exclude: Sequence[str] = ())
     """``(commit, dirty)``: the full commit of HEAD, and whether ``paths`` (relative to the root)
     have changes git sees, tracked or untracked, other than ``exclude``. ``(None, None)`` outside a
     checkout; ``dirty`` is ``None`` when git cannot say."""
-    commit = _git("rev-parse", "HEAD")
+    # ROOT/.git is a folder in a clone and a file in a worktree; without it git would answer for
+    # whatever checkout encloses ROOT (a venv inside a clone), which did not make this code
+    commit = _git("rev-parse", "HEAD") if (ROOT / ".git").exists() else None
     if commit is None:
         return None, None
     status = _git("status", "--porcelain", "--", *paths, *(f":!{p}" for p in exclude))
