@@ -4,6 +4,7 @@
     nohup nice -n 19 python benchmarks/transfer.py > transfer.log 2>&1 &   # the CPU sizes; resumable
     python benchmarks/transfer.py --tasks child --optimizers adam droprmsprop_sign --seeds 1-5
     python benchmarks/transfer.py --report-only           # the table and the plots from the runs saved so far
+    python benchmarks/transfer.py --speed                 # the optimizers' step times on ResNet-20, interleaved
     python benchmarks/transfer.py --full --device cuda    # the GPU sizes
     python benchmarks/transfer.py --smoke --out /tmp/t    # every task and optimizer for a few steps (< 1 min)
 
@@ -899,26 +900,75 @@ def _cycle(task: Task):
         yield from next(iter(task.batches(0, 1)))
 
 
+def timed_steps(task: Task, model: nn.Module, opt: torch.optim.Optimizer, batches, steps: int) -> tuple[list[float], list[float]]:
+    """Seconds of each of ``steps`` training steps (forward, backward, update) and of its update alone."""
+    total, update = [], []
+    for _, (x, y) in zip(range(steps), batches):
+        t0 = time.perf_counter()
+        loss = task.loss(model, x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        t1 = time.perf_counter()
+        opt.step()
+        t2 = time.perf_counter()
+        total.append(t2 - t0)
+        update.append(t2 - t1)
+    return total, update
+
+
 def probe(task: Task, optimizers: Sequence[str], steps: int = 4) -> dict[str, float]:
     """Seconds per training step of each optimizer (after one warm-up step), and per evaluated example."""
     out = {}
     for opt_name in optimizers:
         model = task.build(0)
         opt = make_optimizer(opt_name, list(model.parameters()), 1e-4, 0)
-        times = []
-        for i, (x, y) in zip(range(steps + 1), _cycle(task)):
-            t0 = time.perf_counter()
-            loss = task.loss(model, x, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if i:
-                times.append(time.perf_counter() - t0)
-        out[opt_name] = float(np.median(times))
+        batches = _cycle(task)
+        timed_steps(task, model, opt, batches, 1)  # warm-up
+        out[opt_name] = float(np.median(timed_steps(task, model, opt, batches, steps)[0]))
     t0 = time.perf_counter()
     task.evaluate(model, "val")
     out["eval_per_example"] = (time.perf_counter() - t0) / max(1, task.eval_size("val"))
     return out
+
+
+def speed_lines(plan: Plan, rounds: int = 5, steps: int = 10, threads: int = 1) -> list[str]:
+    """The optimizers' seconds per training step on each task, interleaved: in each of ``rounds``
+    rounds every optimizer trains ``steps`` steps of its own model on the same minibatches (the
+    order of the optimizers rotates from round to round); ``threads`` threads, as a worker has."""
+    torch.set_num_threads(threads)
+    lines = [f"# Training-step speed ({plan.mode} sizes): {rounds} interleaved rounds of {steps} steps per "
+             f"optimizer, {threads} thread(s); machine: {machine(plan.device)}", ""]
+    for name in plan.tasks:
+        task = make_task(name, plan.mode, plan.device)
+        runs = {}
+        for o in plan.optimizers:
+            model = task.build(0)
+            opt = make_optimizer(o, list(model.parameters()), rate_grid(name, o)[len(FACTORS) // 2], 0)
+            runs[o] = (model, opt, _cycle(task))
+            timed_steps(task, model, opt, runs[o][2], 2)  # warm-up
+        per_round: dict[str, list[tuple[float, float]]] = {o: [] for o in runs}
+        order = list(runs)
+        for r in range(rounds):
+            for o in order[r % len(order):] + order[: r % len(order)]:
+                total, update = timed_steps(task, *runs[o], steps)
+                per_round[o].append((float(np.median(total)), float(np.median(update))))
+        ref = per_round.get(REFERENCE)
+        rows = []
+        for o, rs in per_round.items():
+            t = np.array([x[0] for x in rs])
+            u = np.array([x[1] for x in rs])
+            ratio = (t / np.array([x[0] for x in ref])) if ref else None  # round by round, against Adam's
+            rows.append([o, f"{1e3 * t.min():.1f}", f"{1e3 * np.median(t):.1f}", f"{1e3 * np.median(u):.2f}",
+                         f"{100 * np.median(u / t):.1f}%", f"{np.median(t) * task.steps_per_epoch():.1f}",
+                         "-" if ratio is None else f"{np.median(ratio):.3f}x",
+                         "-" if ratio is None else f"{ratio.min():.3f}-{ratio.max():.3f}"])
+        lines += [f"## {TASKS[name].title}", "",
+                  markdown_table(["optimizer", "ms/step (min)", "ms/step (median)", "update ms (median)",
+                                  "update share", "s/epoch (median x steps)", f"x {REFERENCE} (median)",
+                                  f"x {REFERENCE} (range over rounds)"], rows), ""]
+    lines.append("A step is forward, backward and the optimizer's update at one thread; the update column is "
+                 "opt.step() alone. x adam: the step's time over Adam's in the same round.")
+    return lines
 
 
 def plan_lines(plan: Plan, jobs: int) -> list[str]:
@@ -983,6 +1033,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     ap.add_argument("--plan", action="store_true", help="print the runs to do and their estimated time, run nothing")
     ap.add_argument("--report-only", action="store_true", help="tabulate and plot the saved runs, run nothing")
+    ap.add_argument("--speed", action="store_true",
+                    help="time the optimizers' training steps side by side, interleaved (default task: resnet20); "
+                         "writes OUT/MODE/speed.txt; run it on a quiet machine")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap.parse_args(argv)
 
@@ -999,7 +1052,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def _main(args: argparse.Namespace) -> dict[str, Any]:
     mode = "full" if args.full else "smoke" if args.smoke else "cpu"
-    tasks = _names(args.tasks, list(TASKS), "task")
+    tasks = ["resnet20"] if args.speed and not args.tasks else _names(args.tasks, list(TASKS), "task")
     optimizers = _names(args.optimizers, list(OPTIMIZERS), "optimizer")
     try:
         seeds = parse_seeds(args.seeds) if args.seeds else list(MODE_SEEDS[mode])
@@ -1012,7 +1065,13 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
     if jobs < 1:
         raise TransferError("--jobs must be >= 1")
     plan = Plan(tasks, optimizers, seeds, mode, args.out, device)
-    plan.load()
+    if not args.speed:  # the speed check reads no saved runs
+        plan.load()
+    if args.speed:
+        lines = speed_lines(plan, rounds=2 if mode == "smoke" else 5, steps=2 if mode == "smoke" else 10)
+        write_report(prepare_out(Path(args.out) / mode) / "speed.txt", lines)
+        print("\n".join(lines))
+        return {"speed": lines}
     if args.plan:
         lines = plan_lines(plan, jobs)
         print("\n".join(lines))

@@ -151,3 +151,15 @@ def test_corpus_is_split_by_file_deterministically():
     assert len(streams["train"]) > len(streams["val"]) > 0 and len(streams["test"]) > 0
     x, y = transfer.chunks(streams["val"], 64)
     assert torch.equal(x[0, 1:], y[0, :-1]) and int(x.max()) < 256
+
+
+def test_speed_times_the_optimizers_side_by_side(tmp_path):
+    out = transfer.main(["--smoke", "--speed", "--out", str(tmp_path), "--optimizers", "adam", "droprmsprop_sign"])
+    text = "\n".join(out["speed"])
+    assert "(a) ResNet-20" in text and "interleaved" in text
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines()
+            if line.startswith(("| adam ", "| droprmsprop_sign "))}
+    assert set(rows) == {"adam", "droprmsprop_sign"}
+    assert " 1.000x | " in rows["adam"] and " 1.000-1.000 |" in rows["adam"]  # Adam against itself, round by round
+    assert (tmp_path / "smoke" / "speed.txt").read_text().splitlines()[0].startswith("# Training-step speed")
+    assert not (tmp_path / "runs").exists()  # it trains no run
