@@ -905,13 +905,18 @@ def _cycle(task: Task):
 def timed_steps(task: Task, model: nn.Module, opt: torch.optim.Optimizer, batches, steps: int) -> tuple[list[float], list[float]]:
     """Seconds of each of ``steps`` training steps (forward, backward, update) and of its update alone."""
     total, update = [], []
+    # a GPU runs asynchronously: wait for its work before each clock reading
+    sync = torch.cuda.synchronize if task.device.type == "cuda" else (lambda: None)
     for _, (x, y) in zip(range(steps), batches):
+        sync()
         t0 = time.perf_counter()
         loss = task.loss(model, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        sync()
         t1 = time.perf_counter()
         opt.step()
+        sync()
         t2 = time.perf_counter()
         total.append(t2 - t0)
         update.append(t2 - t1)
