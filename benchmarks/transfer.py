@@ -950,21 +950,20 @@ def speed_lines(plan: Plan, rounds: int = 5, steps: int = 10, threads: int = 1) 
         runs = {}
         for o in plan.optimizers:
             model = task.build(0)
-            opt = make_optimizer(o, list(model.parameters()), rate_grid(name, o)[len(FACTORS) // 2], 0)
+            opt = make_optimizer(o, list(model.parameters()), CENTRES[name][o], 0)
             runs[o] = (model, opt, _cycle(task))
-            timed_steps(task, model, opt, runs[o][2], 2)  # warm-up
+            timed_steps(task, *runs[o], 2)  # warm-up
         per_round: dict[str, list[tuple[float, float]]] = {o: [] for o in runs}
         order = list(runs)
         for r in range(rounds):
             for o in order[r % len(order):] + order[: r % len(order)]:
                 total, update = timed_steps(task, *runs[o], steps)
                 per_round[o].append((float(np.median(total)), float(np.median(update))))
-        ref = per_round.get(REFERENCE)
+        ref = np.array([x[0] for x in per_round[REFERENCE]]) if REFERENCE in per_round else None
         rows = []
         for o, rs in per_round.items():
-            t = np.array([x[0] for x in rs])
-            u = np.array([x[1] for x in rs])
-            ratio = (t / np.array([x[0] for x in ref])) if ref else None  # round by round, against Adam's
+            t, u = np.array(rs).T
+            ratio = None if ref is None else t / ref  # round by round, against Adam's
             rows.append([o, f"{1e3 * t.min():.1f}", f"{1e3 * np.median(t):.1f}", f"{1e3 * np.median(u):.2f}",
                          f"{100 * np.median(u / t):.1f}%", f"{np.median(t) * task.steps_per_epoch():.1f}",
                          "-" if ratio is None else f"{np.median(ratio):.3f}x",
@@ -1072,13 +1071,12 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
     if jobs < 1:
         raise TransferError("--jobs must be >= 1")
     plan = Plan(tasks, optimizers, seeds, mode, args.out, device)
-    if not args.speed:  # the speed check reads no saved runs
-        plan.load()
-    if args.speed:
+    if args.speed:  # reads no saved runs
         lines = speed_lines(plan, rounds=2 if mode == "smoke" else 5, steps=2 if mode == "smoke" else 10)
         write_report(prepare_out(Path(args.out) / mode) / "speed.txt", lines)
         print("\n".join(lines))
         return {"speed": lines}
+    plan.load()
     if args.plan:
         lines = plan_lines(plan, jobs)
         print("\n".join(lines))
