@@ -92,10 +92,20 @@ def _task(spec: dict):
 def _profile(task, rule) -> dict:
     """Phase times of one ``task.evaluate([rule])`` (wall-clock timers around the pieces) and the
     convolutions' share of forward + backward (torch.profiler, a second evaluation)."""
+    import importlib
+
     import torch
 
-    import nos_gym.engine.rules as rules
-    import nos_gym.tasks.convnet.grouped as grouped
+    def module(*names):  # the first that imports: the old code (--baseline) has the flat layout
+        for name in names:
+            try:
+                return importlib.import_module(name)
+            except ImportError:
+                continue
+        raise ImportError(f"none of {names} imports from this code")
+
+    rules = module("nos_gym.engine.rules", "nos_gym.rules")
+    grouped = module("nos_gym.tasks.convnet.grouped", "nos_gym.tasks.grouped")
 
     times = {k: 0.0 for k in ("data", "forward", "backward", "rule update", "validation")}
     counts = {"validation images": 0}
@@ -138,9 +148,12 @@ def _profile(task, rule) -> dict:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         task.evaluate([rule])
     conv = sum(e.self_cpu_time_total for e in prof.key_averages() if "convolution" in e.key)
+    # the native batch-norm/pool block's autograd Function, forward and backward (none in code before it)
+    block = sum(e.self_cpu_time_total for e in prof.key_averages() if "BNReluPool" in e.key)
     every = sum(e.self_cpu_time_total for e in prof.key_averages())
     return {"total": total, "phases": times, "train images": result.metrics["child_images"],
-            "validation images": counts["validation images"], "conv share of op time": conv / every}
+            "validation images": counts["validation images"], "conv share of op time": conv / every,
+            "block share of op time": block / every}
 
 
 def worker(spec_json: str) -> None:
@@ -272,15 +285,17 @@ def print_profiles(profiles: dict[str, dict], peak32: float, peak16: float | Non
           + (f", {peak16:.0f} GFLOP/s bf16" if peak16 else ""))
     phases = ["data", "forward", "backward", "rule update", "validation", "other"]
     print(f"{'variant':<20} {'total s':>7} " + " ".join(f"{p:>11}" for p in phases) + f" {'conv share':>10} "
-          f"{'GFLOP/s':>8} {'of peak':>7}")
+          f"{'block share':>11} {'GFLOP/s':>8} {'of peak':>7}")
     for name, p in profiles.items():
         t = p["total"]
         gflops = (p["train images"] * train_flops + p["validation images"] * val_flops) / t / 1e9
         peak = peak16 if "bf16" in name and peak16 else peak32
         print(f"{name:<20} {t:>7.2f} " + " ".join(f"{p['phases'][k] / t:>10.0%} " for k in phases)
-              + f"{p['conv share of op time']:>10.0%} {gflops:>8.1f} {gflops / peak:>7.0%}")
+              + f"{p['conv share of op time']:>10.0%} {p.get('block share of op time', 0.0):>11.0%} "
+              f"{gflops:>8.1f} {gflops / peak:>7.0%}")
     print("Shares of the total wall time; 'other' is the rest (Python, the sweep's bookkeeping, minibatch "
-          "indexing, loss); conv share: the convolutions' part of all torch operator time (torch.profiler). "
+          "indexing, loss); conv share: the convolutions' part of all torch operator time (torch.profiler); block share: the "
+          "native batch-norm/pool block's part (forward and backward). "
           "GFLOP/s counts training and validation images.")
 
 

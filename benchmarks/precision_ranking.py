@@ -8,9 +8,16 @@ once with ``precision="bf16"``, directly (no Evaluator: no probe screens a rule 
 every rule is really trained twice). Reported: Kendall tau-b between the two rankings, the
 top-10 overlap, the largest score differences, and the order of SGD, Adam and PowerSign.
 
+``--from-table N`` takes another set instead: the three anchors and N rules drawn uniformly
+at random (seed 0) from the shipped NOS-Bench table's trained rows, whose rewards were made
+on the same protocol in fp32. The fresh fp32 scores are then also checked against the
+table's (the same fingerprint must give the same numbers), and tau-b gets a bootstrap 95%
+interval over the rules. Its scores go to ``OUT/table-sample/``.
+
 Resumable: every score is appended to ``OUT/scores.jsonl`` as soon as it exists.
 
     python benchmarks/precision_ranking.py                 # 40 rules, ~6 min on 2 cores
+    python benchmarks/precision_ranking.py --from-table 100   # 103 rules, ~10 min on 2 cores
     python benchmarks/precision_ranking.py --report        # the table from the scores file
 """
 
@@ -68,6 +75,47 @@ def rules(n: int) -> list[str]:
     return out
 
 
+def table_sample(n: int, seed: int = 0) -> tuple[list[str], dict[str, float]]:
+    """The anchors and ``n`` rules drawn uniformly (``seed``) from the shipped NOS-Bench table's
+    trained rows (as parsed text), and the table's fp32 reward of each drawn rule."""
+    import numpy as np
+
+    from nos_gym.bench import table as bench_table
+
+    table = bench_table.load()
+    trained = sorted(k for k, row in table.rows.items() if row["source"] == "trained")
+    if n > len(trained):
+        raise SystemExit(f"--from-table {n}: the table has only {len(trained)} trained rows")
+    drawn = np.random.default_rng(seed).choice(len(trained), size=n, replace=False)
+    out, keys, shipped = [], set(), {}
+    for text in ANCHORS.values():
+        p = parse(text)
+        keys.add(p.canonical_key)
+        out.append(str(p))
+    for i in drawn:
+        row = table.rows[trained[int(i)]]
+        p = parse(row["rule"])
+        if p.canonical_key not in keys:
+            keys.add(p.canonical_key)
+            out.append(str(p))
+            shipped[str(p)] = float(row["reward"])
+    return out, shipped
+
+
+def bootstrap_tau(x: list[float], y: list[float], reps: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """A 95% percentile interval of Kendall tau-b, resampling the rules with replacement."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    taus = []
+    for _ in range(reps):
+        i = rng.integers(0, len(x), len(x))
+        t = kendall_tau([x[k] for k in i], [y[k] for k in i])
+        if t == t:  # not NaN
+            taus.append(t)
+    return float(np.percentile(taus, 2.5)), float(np.percentile(taus, 97.5))
+
+
 def load(path: Path) -> dict[tuple[str, str], dict]:
     scores = {}
     if path.exists():
@@ -78,12 +126,19 @@ def load(path: Path) -> dict[tuple[str, str], dict]:
     return scores
 
 
-def report(texts: list[str], scores: dict[tuple[str, str], dict]) -> str:
+def report(texts: list[str], scores: dict[tuple[str, str], dict], shipped: dict[str, float] | None = None) -> str:
     both = [t for t in texts if (t, "fp32") in scores and (t, "bf16") in scores]
     x = [scores[(t, "fp32")]["reward"] for t in both]
     y = [scores[(t, "bf16")]["reward"] for t in both]
-    lines = [f"{len(both)} rules scored in fp32 and bf16 on {{preset: cpu, schedule: halving}}, child seed 0",
-             f"Kendall tau-b (fp32 vs bf16): {kendall_tau(x, y):.3f}; top-10 overlap: "
+    lines = [f"{len(both)} rules scored in fp32 and bf16 on {{preset: cpu, schedule: halving}}, child seed 0"]
+    if shipped is not None:
+        lines[0] += " (the anchors and rules drawn from the shipped NOS-Bench table, seed 0)"
+        checked = [t for t in both if t in shipped]
+        same = sum(scores[(t, "fp32")]["reward"] == shipped[t] for t in checked)
+        lines.append(f"fresh fp32 scores equal to the shipped table's: {same}/{len(checked)}")
+        low, high = bootstrap_tau(x, y)
+        lines.append(f"Kendall tau-b, bootstrap 95% interval over the rules: [{low:.3f}, {high:.3f}]")
+    lines += [f"Kendall tau-b (fp32 vs bf16): {kendall_tau(x, y):.3f}; top-10 overlap: "
              f"{top_overlap(both, x, y, 10)}/10; rules above 0.3 in fp32: {sum(v > 0.3 for v in x)}, "
              f"at chance (< 0.15): {sum(v < 0.15 for v in x)}"]
     working = [i for i, v in enumerate(x) if v > 0.15]
@@ -117,11 +172,18 @@ def main() -> None:
     ap.add_argument("--rules", type=int, default=40, help="rules to score (at least 30 for the issue's check)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--from-table", type=int, metavar="N", help="the anchors and N rules drawn from the shipped "
+                    "NOS-Bench table instead (scores under OUT/table-sample/)")
     ap.add_argument("--report", action="store_true", help="print the table from the scores file only")
     a = ap.parse_args()
+    shipped = None
+    if a.from_table is not None:
+        a.out = a.out / "table-sample"
+        texts, shipped = table_sample(a.from_table)
+    else:
+        texts = rules(a.rules)
     a.out.mkdir(parents=True, exist_ok=True)
     path = a.out / "scores.jsonl"
-    texts = rules(a.rules)
     scores = load(path)
     todo = [(t, p) for t in texts for p in ("fp32", "bf16") if (t, p) not in scores]
     if todo and not a.report:
@@ -141,7 +203,7 @@ def main() -> None:
                 scores[(row["rule"], row["precision"])] = row
                 print(f"  {i}/{len(todo)} {row['precision']} {row['reward']:.4f} {row['rule']}", flush=True)
         print(f"wall {time.time() - t0:.0f} s; load average {os.getloadavg()[0]:.2f}; {platform.machine()}")
-    text = report(texts, scores)
+    text = report(texts, scores, shipped)
     print(text)
     (a.out / "report.md").write_text(text + "\n")
 
