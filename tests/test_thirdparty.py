@@ -271,12 +271,12 @@ def test_rgb_array_env_passes_the_checker_and_vector_envs_render_one_frame_per_s
 def test_record_video_writes_an_episode(tmp_path):
     # RecordVideo encodes with moviepy: a dev dependency, so this runs in CI
     env = gymnasium.wrappers.RecordVideo(
-        gymnasium.make("OptimizerSearch-v0", render_mode="rgb_array", depth=1, **CHEAP), str(tmp_path))
+        gymnasium.make("OptimizerSearch-v0", render_mode="rgb_array", depth=1, **CHEAP), str(tmp_path / "videos"))
     env.reset(seed=0)
     for tok in ("adam", "g", "id", "id", "keep"):
         env.step(env.unwrapped.vocab.index(tok))
     env.close()
-    videos = list(tmp_path.glob("*.mp4"))
+    videos = list((tmp_path / "videos").glob("*.mp4"))
     assert len(videos) == 1 and videos[0].stat().st_size > 1_000
 
 
