@@ -20,12 +20,16 @@ Parts (``--only`` picks one):
    Prints min and median over the rounds and the ratios to the old code.
 3. ``pool``: the same with two worker processes per variant running at once, as the
    Evaluator's process pool does on two cores; images per second per core.
-4. ``trainer``: the GPU table (``--device cuda``): grouped children per second against the
+4. ``block``: the native batch-norm/pool block alone (this code), fp32 against bf16, at both
+   of the child's block sizes (batch 50, 32 channels, 32x32 and 16x16), forward and forward +
+   backward, interleaved: what the block gains from bf16 storage.
+5. ``trainer``: the GPU table (``--device cuda``): grouped children per second against the
    naive one-child loop (``benchmarks/device_check.sh`` runs it).
 
     python benchmarks/child_throughput.py                          # parts 1-3 on the CPU (~20 min)
     python benchmarks/child_throughput.py --only compare --rounds 5 --presets cpu
     python benchmarks/child_throughput.py --quick                  # "ci" protocol, 2 rounds: does it run
+    python benchmarks/child_throughput.py --only block            # the block alone, fp32 vs bf16 (~1 min)
     python benchmarks/child_throughput.py --only trainer --device cuda --random-data
 
 Run it on a quiet machine: it prints the load average at the start and the end.
@@ -299,6 +303,56 @@ def print_profiles(profiles: dict[str, dict], peak32: float, peak16: float | Non
           "GFLOP/s counts training and validation images.")
 
 
+def block_table(rounds: int = 7, reps: int = 30, batch: int = 50, channels: int = 32) -> None:
+    """The native block alone: fp32 against bf16 storage, interleaved, one thread; medians in ms."""
+    import torch
+
+    from nos_gym.tasks.convnet.native import available, bn_relu_pool
+
+    if not available():
+        raise SystemExit("error: the native block is not built on this machine (see ChildKernelUnavailableWarning)")
+    torch.set_num_threads(1)
+    cases = {}
+    for name, hw in (("block 1 (32x32)", 32), ("block 2 (16x16)", 16)):
+        for dtype in (torch.float32, torch.bfloat16):
+            gen = torch.Generator().manual_seed(0)
+            z = torch.randn(batch, channels, hw, hw, generator=gen).contiguous(memory_format=torch.channels_last)
+            z = z.to(dtype).requires_grad_(True)
+            gamma, beta = torch.ones(channels, requires_grad=True), torch.zeros(channels, requires_grad=True)
+            mean, var = torch.zeros(channels), torch.ones(channels)
+            grad = torch.randn(batch, channels, hw // 2, hw // 2, generator=gen)
+            grad = grad.contiguous(memory_format=torch.channels_last).to(dtype)
+
+            def forward(z=z, gamma=gamma, beta=beta, mean=mean, var=var):
+                return bn_relu_pool(z, gamma, beta, mean, var, training=True, native=True)
+
+            def both(forward=forward, z=z, gamma=gamma, beta=beta, grad=grad):
+                torch.autograd.grad(forward(), (z, gamma, beta), grad)
+
+            cases[(name, str(dtype).removeprefix("torch."))] = (forward, both)
+    times = {key: ([], []) for key in cases}
+    for _forward, both in cases.values():  # warm
+        for _ in range(5):
+            both()
+    for _ in range(rounds):
+        for key, (forward, both) in cases.items():
+            for i, fn in enumerate((forward, both)):
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    fn()
+                times[key][i].append((time.perf_counter() - t0) / reps * 1e3)
+    print(f"\n(4) block: the native batch-norm/pool block alone, batch {batch}, {channels} channels, one thread, "
+          f"{rounds} interleaved rounds of {reps} calls (training mode; median ms per call)")
+    print(f"{'block':<16} {'storage':<9} {'forward':>8} {'fwd+bwd':>8} {'backward':>9}")
+    for (name, dtype), (fwd, both) in times.items():
+        f, b = statistics.median(fwd), statistics.median(both)
+        print(f"{name:<16} {dtype:<9} {f:>8.3f} {b:>8.3f} {b - f:>9.3f}")
+    for name in dict.fromkeys(n for n, _ in times):
+        f32, b16 = times[(name, "float32")], times[(name, "bfloat16")]
+        print(f"{name}: bf16 is {statistics.median(f32[0]) / statistics.median(b16[0]):.2f}x fp32's speed "
+              f"forward, {statistics.median(f32[1]) / statistics.median(b16[1]):.2f}x forward + backward")
+
+
 def trainer_table(args: argparse.Namespace) -> None:
     """The GPU table: grouped children per second against the naive one-child loop."""
     import torch
@@ -348,7 +402,7 @@ def trainer_table(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["profile", "compare", "pool", "trainer"], help="run one part")
+    ap.add_argument("--only", choices=["profile", "compare", "pool", "block", "trainer"], help="run one part")
     ap.add_argument("--baseline", default=BASELINE, help=f"the old code: a commit of this clone (default {BASELINE})")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of compare and pool (default 5)")
     ap.add_argument("--presets", nargs="+", choices=list(PROTOCOLS), help="protocols (default: cpu fast)")
@@ -373,6 +427,10 @@ def main() -> None:
           f"commit {(git_commit()[0] or 'unknown')[:7]}")
     if args.only == "trainer":
         trainer_table(args)
+        return
+    if args.only == "block":
+        block_table()
+        print(f"\nload average at the end: {os.getloadavg()[0]:.2f} (at the start: {load0:.2f})")
         return
     if args.quick:
         args.presets, args.rounds, args.precisions = args.presets or ["ci"], min(args.rounds, 2), ["fp32"]
