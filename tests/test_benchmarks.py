@@ -469,3 +469,44 @@ def test_bench_agents_smoke_shrinks_rosenbrock_only(tmp_path):
     assert rosenbrock.task_options == {"iterations": 100}
     assert nosbench.task_options == {"table": str(table)}  # the table task takes no iterations
     assert nosbench.optimum == 0.45
+
+
+def test_precision_ranking_draws_its_table_sample_reproducibly_with_the_tables_rewards():
+    import precision_ranking
+
+    from nos_gym.bench import table as bench_table
+
+    texts, shipped = precision_ranking.table_sample(12)
+    assert texts[:3] == [str(parse(t)) for t in precision_ranking.ANCHORS.values()]
+    assert len(texts) == 15 and len({parse(t).canonical_key for t in texts}) == 15
+    assert (texts, shipped) == precision_ranking.table_sample(12)  # seeded
+    assert texts != precision_ranking.table_sample(12, seed=1)[0]
+    table = bench_table.load()
+    for text, reward in shipped.items():
+        assert table[text]["source"] == "trained" and table[text]["reward"] == reward
+    with pytest.raises(SystemExit, match="trained rows"):
+        precision_ranking.table_sample(10 ** 6)
+
+
+def test_precision_ranking_bootstrap_interval_brackets_tau():
+    import precision_ranking
+
+    from nos_gym.tasks.convnet.fidelity import kendall_tau
+
+    x = list(range(30))
+    y = [v + (3 if v % 4 == 0 else 0) for v in x]  # a few swaps: tau below 1
+    low, high = precision_ranking.bootstrap_tau(x, y, reps=300)
+    assert low <= kendall_tau(x, y) <= high < 1.0 + 1e-12 and low > 0.5
+    assert precision_ranking.bootstrap_tau(x, x, reps=50) == (1.0, 1.0)
+
+
+def test_child_throughput_block_part_times_both_blocks_in_both_storages(capsys):
+    import child_throughput
+
+    from nos_gym.tasks.convnet.native import available
+
+    assert available(), "the native block must build on the test machines (a C++ compiler is a dev requirement)"
+    child_throughput.block_table(rounds=1, reps=1, batch=4, channels=8)
+    out = capsys.readouterr().out
+    for block in ("block 1 (32x32)", "block 2 (16x16)"):
+        assert f"{block}  float32" in out and f"{block}  bfloat16" in out and f"{block}: bf16 is" in out
