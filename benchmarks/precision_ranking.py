@@ -62,17 +62,22 @@ def _score(text: str, precision: str) -> dict:
             "seconds": time.perf_counter() - t0, "fingerprint": task.fingerprint}
 
 
-def rules(n: int) -> list[str]:
-    """The anchors, then ``rule_set``'s seeded mix, ``n`` distinct rules (as parsed text)."""
+def distinct(texts: list[str], n: int | None = None) -> list[str]:
+    """The first ``n`` (default all) of ``texts`` with distinct canonical keys, as parsed text."""
     out, keys = [], set()
-    for text in [*ANCHORS.values(), *(str(p) for _, p in rule_set(max(4 * n, 200), seed=0))]:
+    for text in texts:
+        if len(out) == n:
+            break
         p = parse(text)
         if p.canonical_key not in keys:
             keys.add(p.canonical_key)
             out.append(str(p))
-        if len(out) == n:
-            break
     return out
+
+
+def rules(n: int) -> list[str]:
+    """The anchors, then ``rule_set``'s seeded mix, ``n`` distinct rules (as parsed text)."""
+    return distinct([*ANCHORS.values(), *(str(p) for _, p in rule_set(max(4 * n, 200), seed=0))], n)
 
 
 def table_sample(n: int, seed: int = 0) -> tuple[list[str], dict[str, float]]:
@@ -86,20 +91,10 @@ def table_sample(n: int, seed: int = 0) -> tuple[list[str], dict[str, float]]:
     trained = sorted(k for k, row in table.rows.items() if row["source"] == "trained")
     if n > len(trained):
         raise SystemExit(f"--from-table {n}: the table has only {len(trained)} trained rows")
-    drawn = np.random.default_rng(seed).choice(len(trained), size=n, replace=False)
-    out, keys, shipped = [], set(), {}
-    for text in ANCHORS.values():
-        p = parse(text)
-        keys.add(p.canonical_key)
-        out.append(str(p))
-    for i in drawn:
-        row = table.rows[trained[int(i)]]
-        p = parse(row["rule"])
-        if p.canonical_key not in keys:
-            keys.add(p.canonical_key)
-            out.append(str(p))
-            shipped[str(p)] = float(row["reward"])
-    return out, shipped
+    drawn = [table.rows[trained[int(i)]] for i in np.random.default_rng(seed).choice(len(trained), n, replace=False)]
+    reward = {str(parse(row["rule"])): float(row["reward"]) for row in drawn}
+    out = distinct([*ANCHORS.values(), *reward])
+    return out, {t: reward[t] for t in out[len(ANCHORS):]}  # a drawn anchor counts as the anchor
 
 
 def bootstrap_tau(x: list[float], y: list[float], reps: int = 1000, seed: int = 0) -> tuple[float, float]:
