@@ -232,6 +232,7 @@ def baseline_code(rev: str, into: Path) -> Path:
     except (OSError, subprocess.CalledProcessError) as err:
         raise SystemExit(f"error: cannot read commit {rev!r} of {ROOT} with git ({err}); run this from a clone of "
                          "nos-gym, or pass --baseline REV") from err
+    into.mkdir(parents=True, exist_ok=True)
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
     return into
 
@@ -404,6 +405,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=["profile", "compare", "pool", "block", "trainer"], help="run one part")
     ap.add_argument("--baseline", default=BASELINE, help=f"the old code: a commit of this clone (default {BASELINE})")
+    ap.add_argument("--also", metavar="REV", help="another commit to run beside the new code, at its precisions "
+                    "(what the changes since REV gained)")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of compare and pool (default 5)")
     ap.add_argument("--presets", nargs="+", choices=list(PROTOCOLS), help="protocols (default: cpu fast)")
     ap.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
@@ -440,7 +443,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="nos_gym_baseline_") as tmp:
         old_code = baseline_code(args.baseline, Path(tmp))
         variants = {f"old {args.baseline}": (old_code, "fp32")}
+        also = baseline_code(args.also, Path(tmp) / "also") if args.also else None
         for precision in args.precisions:
+            if also is not None:
+                variants[f"{args.also} {precision}"] = (also, precision)
             variants[f"new {precision}"] = (ROOT, precision)
         old = f"old {args.baseline}"
         if args.only in (None, "profile"):

@@ -14,10 +14,15 @@ on the same protocol in fp32. The fresh fp32 scores are then also checked agains
 table's (the same fingerprint must give the same numbers), and tau-b gets a bootstrap 95%
 interval over the rules. Its scores go to ``OUT/table-sample/``.
 
+``--seed-ceiling`` also scores every rule in fp32 at child seed 1 (other initial weights and
+minibatches): tau-b between two fp32 seeds is how far the reward itself reorders rules, the
+most any perturbation of the training -- bf16's rounding included -- could be asked to agree.
+
 Resumable: every score is appended to ``OUT/scores.jsonl`` as soon as it exists.
 
     python benchmarks/precision_ranking.py                 # 40 rules, ~6 min on 2 cores
     python benchmarks/precision_ranking.py --from-table 100   # 103 rules, ~10 min on 2 cores
+    python benchmarks/precision_ranking.py --from-table 100 --seed-ceiling   # + fp32 at seed 1, ~5 min more
     python benchmarks/precision_ranking.py --report        # the table from the scores file
 """
 
@@ -47,18 +52,24 @@ ANCHORS = {"SGD": "g", "Adam": "ADAM", "PowerSign": "g * exp(sign(g) * sign(m))"
 _tasks: dict = {}
 
 
-def _score(text: str, precision: str) -> dict:
+#: what each score column is: (precision, child seed)
+SEED1 = "fp32 seed 1"
+VARIANTS = {"fp32": ("fp32", 0), "bf16": ("bf16", 0), SEED1: ("fp32", 1)}
+
+
+def _score(text: str, variant: str) -> dict:
     import torch
 
     torch.set_num_threads(1)
     from nos_gym.tasks.convnet import ConvNetTask
 
-    task = _tasks.get(precision)
+    task = _tasks.get(variant)
     if task is None:
-        task = _tasks[precision] = ConvNetTask("cpu", device="cpu", precision=precision, **PROTOCOL)
+        precision, seed = VARIANTS[variant]
+        task = _tasks[variant] = ConvNetTask("cpu", device="cpu", precision=precision, seed=seed, **PROTOCOL)
     t0 = time.perf_counter()
     res = task.evaluate([parse(text)])[0]
-    return {"rule": text, "precision": precision, "reward": res.reward, "lr": res.metrics.get("lr"),
+    return {"rule": text, "precision": variant, "reward": res.reward, "lr": res.metrics.get("lr"),
             "seconds": time.perf_counter() - t0, "fingerprint": task.fingerprint}
 
 
@@ -139,6 +150,13 @@ def report(texts: list[str], scores: dict[tuple[str, str], dict], shipped: dict[
     working = [i for i, v in enumerate(x) if v > 0.15]
     lines.append(f"among the {len(working)} rules above 0.15 in fp32: Kendall tau-b "
                  f"{kendall_tau([x[i] for i in working], [y[i] for i in working]):.3f}")
+    if all((t, SEED1) in scores for t in both):
+        z = [scores[(t, SEED1)]["reward"] for t in both]
+        low, high = bootstrap_tau(x, z)
+        lines.append(f"seed ceiling, fp32 at child seed 0 vs seed 1 on the same rules: Kendall tau-b "
+                     f"{kendall_tau(x, z):.3f} (bootstrap 95% [{low:.3f}, {high:.3f}]), among the rules above 0.15: "
+                     f"{kendall_tau([x[i] for i in working], [z[i] for i in working]):.3f}; top-10 overlap "
+                     f"{top_overlap(both, x, z, 10)}/10")
     seconds = {p: sum(scores[(t, p)]["seconds"] for t in both) for p in ("fp32", "bf16")}
     lines.append(f"training seconds, all rules: fp32 {seconds['fp32']:.0f}, bf16 {seconds['bf16']:.0f} "
                  f"({seconds['fp32'] / max(seconds['bf16'], 1e-9):.2f}x)")
@@ -169,6 +187,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--from-table", type=int, metavar="N", help="the anchors and N rules drawn from the shipped "
                     "NOS-Bench table instead (scores under OUT/table-sample/)")
+    ap.add_argument("--seed-ceiling", action="store_true", help="also score every rule in fp32 at child seed 1 "
+                    "(the reward's own seed-to-seed agreement)")
     ap.add_argument("--report", action="store_true", help="print the table from the scores file only")
     a = ap.parse_args()
     shipped = None
@@ -180,7 +200,8 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     path = a.out / "scores.jsonl"
     scores = load(path)
-    todo = [(t, p) for t in texts for p in ("fp32", "bf16") if (t, p) not in scores]
+    variants = ("fp32", "bf16", SEED1) if a.seed_ceiling else ("fp32", "bf16")
+    todo = [(t, v) for t in texts for v in variants if (t, v) not in scores]
     if todo and not a.report:
         print(f"{len(todo)} scores to compute ({len(scores)} in {path}); {a.workers} workers", flush=True)
         t0 = time.time()

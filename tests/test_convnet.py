@@ -229,6 +229,36 @@ def test_all_diverged_group_stops_early(ds):
     assert res.accuracy.tolist() == [0.0, 0.0]
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_prepared_inputs_train_exactly_as_per_minibatch_conversion(ds, precision):
+    """``Split.with_inputs`` (what ``ConvNetTask.child_data`` holds) changes the speed, not the numbers."""
+    from nos_gym.tasks.convnet.grouped import input_batch
+
+    train, val = ds.train.take(200), ds.val.take(100)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    ptrain, pval = train.with_inputs(dtype=dtype), val.with_inputs(dtype=dtype)
+    idx = torch.tensor([7, 3, 150, 3])
+    x = input_batch(ptrain, idx, True, precision)
+    assert x.is_contiguous(memory_format=torch.channels_last) and torch.equal(x, input_batch(train, idx, True, precision))
+    assert torch.equal(input_batch(pval, slice(10, 60), True, precision), input_batch(val, slice(10, 60), True, precision))
+    # inputs made for the other precision are not used: the uint8 images are converted instead
+    other = "fp32" if precision == "bf16" else "bf16"
+    assert input_batch(ptrain, idx, True, other).dtype == (torch.float32 if other == "fp32" else torch.bfloat16)
+    kw = dict(epochs=1, batch_size=50, precision=precision)
+    plain = train_children([ADAM, POWERSIGN], [1e-3, 1e-2], train, val, **kw)
+    fast = train_children([ADAM, POWERSIGN], [1e-3, 1e-2], ptrain, pval, **kw)
+    assert torch.equal(plain.net.flat, fast.net.flat) and torch.equal(plain.accuracy, fast.accuracy)
+
+
+def test_task_child_data_holds_the_protocols_examples_prepared():
+    task = ConvNetTask("ci", device="cpu", precision="bf16")
+    data, p = task.child_data, task.protocol
+    assert len(data.train) == max(p.sweep_examples, p.train_examples) and len(data.val) == p.val_examples
+    assert data.train.inputs.dtype == torch.bfloat16 and data.val.inputs.dtype == torch.bfloat16
+    assert task.child_data is data  # made once
+    assert "_child_data" not in task.__getstate__()  # workers rebuild it, as they reload the images
+
+
 def test_bf16_autocast_path_runs_and_stays_close_to_fp32(ds):
     """The GPU path (bf16 autocast + channels_last), exercised on CPU autocast."""
     train, val = ds.train.take(200), ds.val.take(100)

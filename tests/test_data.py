@@ -122,3 +122,17 @@ def test_synthetic_set_has_cifar_shapes_and_is_seeded():
     assert torch.equal(synthetic_cifar10(train=300, val=50, test=20, seed=3).train.images, fake.train.images)
     assert not torch.equal(synthetic_cifar10(train=300, val=50, test=20, seed=4).train.images, fake.train.images)
     assert normalize(fake.train.images[:10]).dtype == torch.float32
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_with_inputs_is_normalize_once_in_the_networks_layout(ds, channels_last, dtype):
+    split = ds.val.take(300)
+    prepared = split.with_inputs(channels_last=channels_last, dtype=dtype, chunk=128)  # 3 chunks, the last short
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert prepared.inputs.dtype == dtype and prepared.inputs.is_contiguous(memory_format=fmt)
+    # bit for bit what a minibatch's conversion gives (normalize is elementwise; the cast rounds alike)
+    assert torch.equal(prepared.inputs, normalize(split.images).to(dtype))
+    assert prepared.images is split.images and prepared.labels is split.labels and split.inputs is None
+    head = prepared.take(100)
+    assert len(head) == 100 and torch.equal(head.inputs, prepared.inputs[:100])

@@ -96,11 +96,11 @@ __all__ = ["FidelityTask", "Final", "Hurdle", "Sweep", "evaluate_group", "kendal
 
 
 class FidelityTask(typing.Protocol):
-    """What the stages here need of a task (``ConvNetTask`` has it): its protocol, its data,
-    its precision and each program's random stream seed."""
+    """What the stages here need of a task (``ConvNetTask`` has it): its protocol, its data (the
+    splits the protocol uses, ``child_data``), its precision and each program's random stream seed."""
 
     protocol: Protocol
-    data: Any
+    child_data: Any
     precision: str
 
     def stream_seeds(self, programs: Sequence[Program], draws: Sequence[int] | None = None) -> list[int]: ...
@@ -184,7 +184,7 @@ def _common(task: FidelityTask) -> dict[str, Any]:
 def run_sweep(task: FidelityTask, programs: Sequence[Program], draws: Sequence[int] | None = None) -> list[Sweep]:
     """The rate sweep of ``task.protocol`` (fixed or by successive halving) for ``programs``, as one group
     per rung; ``draws``: the draw index of each program's random stream (default 0)."""
-    p, data = task.protocol, task.data
+    p, data = task.protocol, task.child_data
     if not programs:
         return []
     seeds = task.stream_seeds(programs, draws)  # as the fixed protocol uses them
@@ -244,7 +244,7 @@ def run_final(task: FidelityTask, programs: Sequence[Program], lrs: Sequence[flo
     """
     if not programs:
         return []
-    p, data = task.protocol, task.data
+    p, data = task.protocol, task.child_data
     train, val = data.train.take(p.train_examples), data.val.take(p.val_examples)
     kw = dict(epochs=p.train_epochs, stream_seeds=task.stream_seeds(programs, draws), **_common(task))
     if p.final_hurdle is None:

@@ -120,7 +120,7 @@ class GroupedConvNet(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         w = self.params()
-        if b > 1 and self.channels_last and (self.native if self.native is not None else native_applies(x)):
+        if self.channels_last and (self.native if self.native is not None else native_applies(x)):
             feats = self._per_child(x, w)
         else:
             h = self._block(self._conv(x, w["conv1.weight"], 1), 1, w)
@@ -187,10 +187,31 @@ def _autocast(device: torch.device, precision: str):
     return nullcontext()
 
 
-def _batch(images: Tensor, channels_last: bool) -> Tensor:
+def input_batch(split: Split, idx: Tensor | slice, channels_last: bool, precision: str = "fp32") -> Tensor:
+    """The network's input for examples ``idx`` (an index tensor or a slice) of ``split``: a gather from
+    ``split.inputs`` where it holds them in this layout and dtype (``Split.with_inputs``), else
+    ``_batch`` of the uint8 images. Both give the same numbers."""
+    x = split.inputs
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if x is None or x.dtype != _DTYPES.get(precision) or not x.is_contiguous(memory_format=fmt):
+        return _batch(split.images[idx], channels_last, precision)
+    if isinstance(idx, slice):
+        return x[idx]
+    if channels_last:  # gather rows of the (N, H, W, C) storage: indexing the NCHW view is several times slower
+        return x.permute(0, 2, 3, 1).index_select(0, idx).permute(0, 3, 1, 2)
+    return x.index_select(0, idx)
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _batch(images: Tensor, channels_last: bool, precision: str = "fp32") -> Tensor:
     """A uint8 minibatch as the network's normalised float input; channels-last before the conversion
-    (a copy of the bytes, not of the floats), which the elementwise normalisation keeps."""
-    return normalize(images.contiguous(memory_format=torch.channels_last) if channels_last else images)
+    (a copy of the bytes, not of the floats), which the elementwise normalisation keeps. In bf16 the
+    input is cast here, once, as autocast would round it: otherwise autocast casts it again for every
+    child's first convolution."""
+    x = normalize(images.contiguous(memory_format=torch.channels_last) if channels_last else images)
+    return x.to(torch.bfloat16) if precision == "bf16" else x
 
 
 def per_child_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -271,7 +292,7 @@ def train_children(programs: Sequence[Program], lrs: Sequence[float] | Tensor, t
         # (each look is a host sync, which a GPU pays for)
         if steps and (steps & (steps - 1) == 0 or steps % check_every == 0) and not bool(alive.any()):
             break  # every child has diverged: stop early
-        state, last_loss = train_step(net, rule, state, lr, alive, _batch(train.images[idx], channels_last),
+        state, last_loss = train_step(net, rule, state, lr, alive, input_batch(train, idx, channels_last, precision),
                                       train.labels[idx], precision)
         steps += 1
     if bool(alive.any()):
@@ -294,7 +315,7 @@ def evaluate_children(net: GroupedConvNet, val: Split, batch_size: int, precisio
     correct = torch.zeros(b, device=device)
     finite = torch.ones(b, dtype=torch.bool, device=device)
     for start in range(0, len(val), batch_size):
-        x, y = _batch(val.images[start:start + batch_size], net.channels_last), val.labels[start:start + batch_size]
+        x, y = input_batch(val, slice(start, start + batch_size), net.channels_last, precision), val.labels[start:start + batch_size]
         with _autocast(device, precision):
             logits = net(x).float()
         finite &= torch.isfinite(logits).flatten(1).all(1)
