@@ -9,7 +9,8 @@ rule (Adam), one process, one torch thread, on the protocols the project scores 
 
 Parts (``--only`` picks one):
 
-1. ``profile``: where one evaluation's time goes -- data (uint8 to float, normalisation),
+1. ``profile``: where one evaluation's time goes -- data (minibatches gathered from inputs
+   normalised once per worker; in the old code, uint8 to float and normalisation per minibatch),
    forward, backward, the rule's update (``BatchedRule``, the child's weights at every rate),
    validation, and the rest (Python, bookkeeping, minibatch indexing) -- for the old and the
    new code, with the convolutions' share of forward and backward (torch.profiler), the
@@ -131,7 +132,9 @@ def _profile(task, rule) -> dict:
                 times[name] += time.perf_counter() - t0
         return wrapper
 
-    patches = [(grouped, "normalize", timed("data", grouped.normalize)),
+    # data: the gather from inputs prepared once (this code), or the uint8 minibatch's conversion (old code)
+    data_fn = "input_batch" if hasattr(grouped, "input_batch") else "normalize"
+    patches = [(grouped, data_fn, timed("data", getattr(grouped, data_fn))),
                (grouped, "evaluate_children", timed("validation", grouped.evaluate_children)),
                (grouped.GroupedConvNet, "forward", timed("forward", grouped.GroupedConvNet.forward)),
                (rules.BatchedRule, "update", timed("rule update", rules.BatchedRule.update)),

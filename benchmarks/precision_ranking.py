@@ -17,12 +17,16 @@ interval over the rules. Its scores go to ``OUT/table-sample/``.
 ``--seed-ceiling`` also scores every rule in fp32 at child seed 1 (other initial weights and
 minibatches): tau-b between two fp32 seeds is how far the reward itself reorders rules, the
 most any perturbation of the training -- bf16's rounding included -- could be asked to agree.
+``--rounding-ceiling`` scores them in fp32 once more with torch's and oneDNN's kernels capped at
+AVX2 (``ATEN_CPU_CAPABILITY=avx2``, ``ONEDNN_MAX_CPU_ISA=AVX2``): the same seed and the same
+training, only the convolutions' rounding differs, as it does between CPUs.
 
 Resumable: every score is appended to ``OUT/scores.jsonl`` as soon as it exists.
 
     python benchmarks/precision_ranking.py                 # 40 rules, ~6 min on 2 cores
     python benchmarks/precision_ranking.py --from-table 100   # 103 rules, ~10 min on 2 cores
-    python benchmarks/precision_ranking.py --from-table 100 --seed-ceiling   # + fp32 at seed 1, ~5 min more
+    python benchmarks/precision_ranking.py --from-table 100 --seed-ceiling   # + fp32 at seed 1, ~6 min more
+    python benchmarks/precision_ranking.py --from-table 100 --rounding-ceiling   # + fp32 on AVX2 kernels
     python benchmarks/precision_ranking.py --report        # the table from the scores file
 """
 
@@ -52,9 +56,11 @@ ANCHORS = {"SGD": "g", "Adam": "ADAM", "PowerSign": "g * exp(sign(g) * sign(m))"
 _tasks: dict = {}
 
 
-#: what each score column is: (precision, child seed)
-SEED1 = "fp32 seed 1"
-VARIANTS = {"fp32": ("fp32", 0), "bf16": ("bf16", 0), SEED1: ("fp32", 1)}
+SEED1, AVX2 = "fp32 seed 1", "fp32 avx2"
+#: what each score column is: precision, child seed, and the environment its workers start with
+#: (AVX2: torch's and oneDNN's kernels capped at AVX2, so the convolutions round otherwise)
+VARIANTS = {"fp32": ("fp32", 0, {}), "bf16": ("bf16", 0, {}), SEED1: ("fp32", 1, {}),
+            AVX2: ("fp32", 0, {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"})}
 
 
 def _score(text: str, variant: str) -> dict:
@@ -65,11 +71,15 @@ def _score(text: str, variant: str) -> dict:
 
     task = _tasks.get(variant)
     if task is None:
-        precision, seed = VARIANTS[variant]
+        precision, seed, env = VARIANTS[variant]
+        for key, value in env.items():  # set by the parent before this worker started: check it
+            if os.environ.get(key) != value:
+                raise RuntimeError(f"variant {variant!r} needs {key}={value} in its worker's environment")
         task = _tasks[variant] = ConvNetTask("cpu", device="cpu", precision=precision, seed=seed, **PROTOCOL)
     t0 = time.perf_counter()
     res = task.evaluate([parse(text)])[0]
-    return {"rule": text, "precision": variant, "reward": res.reward, "lr": res.metrics.get("lr"),
+    return {"rule": text, "precision": variant, "kernels": torch.backends.cpu.get_cpu_capability(),
+            "reward": res.reward, "lr": res.metrics.get("lr"),
             "seconds": time.perf_counter() - t0, "fingerprint": task.fingerprint}
 
 
@@ -122,6 +132,12 @@ def bootstrap_tau(x: list[float], y: list[float], reps: int = 1000, seed: int = 
     return float(np.percentile(taus, 2.5)), float(np.percentile(taus, 97.5))
 
 
+def order_text(rewards: dict[str, float]) -> str:
+    """Names best first, ``>`` between different rewards and ``=`` between equal ones."""
+    names = sorted(rewards, key=lambda n: -rewards[n])
+    return names[0] + "".join(f" {'=' if rewards[a] == rewards[b] else '>'} {b}" for a, b in zip(names, names[1:]))
+
+
 def load(path: Path) -> dict[tuple[str, str], dict]:
     scores = {}
     if path.exists():
@@ -150,13 +166,15 @@ def report(texts: list[str], scores: dict[tuple[str, str], dict], shipped: dict[
     working = [i for i, v in enumerate(x) if v > 0.15]
     lines.append(f"among the {len(working)} rules above 0.15 in fp32: Kendall tau-b "
                  f"{kendall_tau([x[i] for i in working], [y[i] for i in working]):.3f}")
-    if all((t, SEED1) in scores for t in both):
-        z = [scores[(t, SEED1)]["reward"] for t in both]
-        low, high = bootstrap_tau(x, z)
-        lines.append(f"seed ceiling, fp32 at child seed 0 vs seed 1 on the same rules: Kendall tau-b "
-                     f"{kendall_tau(x, z):.3f} (bootstrap 95% [{low:.3f}, {high:.3f}]), among the rules above 0.15: "
-                     f"{kendall_tau([x[i] for i in working], [z[i] for i in working]):.3f}; top-10 overlap "
-                     f"{top_overlap(both, x, z, 10)}/10")
+    for variant, what in ((AVX2, "fp32 on AVX2 kernels (other rounding, same seed)"),
+                          (SEED1, "fp32 at child seed 1 (other weights and minibatches)")):
+        if all((t, variant) in scores for t in both):
+            z = [scores[(t, variant)]["reward"] for t in both]
+            low, high = bootstrap_tau(x, z)
+            lines.append(f"fp32 vs {what}: Kendall tau-b {kendall_tau(x, z):.3f} (bootstrap 95% [{low:.3f}, "
+                         f"{high:.3f}]), among the rules above 0.15: "
+                         f"{kendall_tau([x[i] for i in working], [z[i] for i in working]):.3f}; top-10 overlap "
+                         f"{top_overlap(both, x, z, 10)}/10; equal scores {sum(a == b for a, b in zip(x, z))}/{len(x)}")
     seconds = {p: sum(scores[(t, p)]["seconds"] for t in both) for p in ("fp32", "bf16")}
     lines.append(f"training seconds, all rules: fp32 {seconds['fp32']:.0f}, bf16 {seconds['bf16']:.0f} "
                  f"({seconds['fp32'] / max(seconds['bf16'], 1e-9):.2f}x)")
@@ -172,10 +190,9 @@ def report(texts: list[str], scores: dict[tuple[str, str], dict], shipped: dict[
         if (t, "fp32") in scores and (t, "bf16") in scores:
             anchors[name] = (scores[(t, "fp32")]["reward"], scores[(t, "bf16")]["reward"])
     if len(anchors) == len(ANCHORS):
-        by = {p: [n for n, _ in sorted(anchors.items(), key=lambda kv, i=i: -kv[1][i])]
-              for i, p in enumerate(("fp32", "bf16"))}
+        by = {p: order_text({n: v[i] for n, v in anchors.items()}) for i, p in enumerate(("fp32", "bf16"))}
         same = by["fp32"] == by["bf16"]
-        lines.append(f"\nSGD / Adam / PowerSign order: fp32 {' > '.join(by['fp32'])}, bf16 {' > '.join(by['bf16'])}"
+        lines.append(f"\nSGD / Adam / PowerSign order: fp32 {by['fp32']}, bf16 {by['bf16']}"
                      f" ({'the same' if same else 'DIFFERENT'})")
     return "\n".join(lines)
 
@@ -189,6 +206,8 @@ def main() -> None:
                     "NOS-Bench table instead (scores under OUT/table-sample/)")
     ap.add_argument("--seed-ceiling", action="store_true", help="also score every rule in fp32 at child seed 1 "
                     "(the reward's own seed-to-seed agreement)")
+    ap.add_argument("--rounding-ceiling", action="store_true", help="also score every rule in fp32 with torch's "
+                    "and oneDNN's kernels capped at AVX2 (the same training, rounded otherwise)")
     ap.add_argument("--report", action="store_true", help="print the table from the scores file only")
     a = ap.parse_args()
     shipped = None
@@ -200,24 +219,33 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     path = a.out / "scores.jsonl"
     scores = load(path)
-    variants = ("fp32", "bf16", SEED1) if a.seed_ceiling else ("fp32", "bf16")
+    variants = ("fp32", "bf16", *((SEED1,) if a.seed_ceiling else ()), *((AVX2,) if a.rounding_ceiling else ()))
     todo = [(t, v) for t in texts for v in variants if (t, v) not in scores]
     if todo and not a.report:
         print(f"{len(todo)} scores to compute ({len(scores)} in {path}); {a.workers} workers", flush=True)
-        t0 = time.time()
-        # spawn: a forked child of a process that has started torch's thread pool can hang
-        with ProcessPoolExecutor(a.workers, mp_context=multiprocessing.get_context("spawn")) as pool, \
-                path.open("a") as f:
-            futures = [pool.submit(_score, t, p) for t, p in todo]
-            for i, fut in enumerate(as_completed(futures), 1):
-                if fut.exception() is not None:
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    raise fut.exception()
-                row = fut.result()
-                f.write(json.dumps(row) + "\n")
-                f.flush()
-                scores[(row["rule"], row["precision"])] = row
-                print(f"  {i}/{len(todo)} {row['precision']} {row['reward']:.4f} {row['rule']}", flush=True)
+        t0, done = time.time(), 0
+        envs = {json.dumps(VARIANTS[v][2], sort_keys=True) for _, v in todo}
+        for env_json in sorted(envs):  # one pool per worker environment
+            env, saved = json.loads(env_json), dict(os.environ)
+            os.environ.update(env)  # spawned workers start with it
+            try:
+                # spawn: a forked child of a process that has started torch's thread pool can hang
+                with ProcessPoolExecutor(a.workers, mp_context=multiprocessing.get_context("spawn")) as pool, \
+                        path.open("a") as f:
+                    futures = [pool.submit(_score, t, v) for t, v in todo if VARIANTS[v][2] == env]
+                    for fut in as_completed(futures):
+                        if fut.exception() is not None:
+                            pool.shutdown(wait=False, cancel_futures=True)
+                            raise fut.exception()
+                        row = fut.result()
+                        f.write(json.dumps(row) + "\n")
+                        f.flush()
+                        scores[(row["rule"], row["precision"])] = row
+                        done += 1
+                        print(f"  {done}/{len(todo)} {row['precision']} {row['reward']:.4f} {row['rule']}", flush=True)
+            finally:
+                os.environ.clear()
+                os.environ.update(saved)
         print(f"wall {time.time() - t0:.0f} s; load average {os.getloadavg()[0]:.2f}; {platform.machine()}")
     text = report(texts, scores, shipped)
     print(text)

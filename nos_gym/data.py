@@ -6,7 +6,8 @@ module reads the standard ``cifar-10-batches-py`` layout (python pickles of
 ``data_batch_1..5`` and ``test_batch``), splits the 50,000 training images into a fixed,
 seeded, class-stratified 45,000 / 5,000 train / validation split, and keeps the test set
 apart. Images stay uint8 (N, 3, 32, 32) on the device -- 150 MB for the whole set -- and
-``normalize`` turns a minibatch into floats there, so there is no per-item DataLoader.
+``normalize`` turns a minibatch into floats there, so there is no per-item DataLoader
+(``Split.with_inputs`` does it once for a whole split, for a worker that trains many children).
 
 Where the data is looked for, in order (``root=None``):
 

@@ -500,6 +500,28 @@ def test_precision_ranking_bootstrap_interval_brackets_tau():
     assert precision_ranking.bootstrap_tau(x, x, reps=50) == (1.0, 1.0)
 
 
+def test_precision_ranking_report_compares_each_ceiling_with_fp32():
+    import precision_ranking as pr
+
+    texts = [f"g * {k}" for k in range(1, 9)]
+    base = [0.1, 0.1, 0.12, 0.3, 0.4, 0.5, 0.55, 0.6]
+    columns = {"fp32": base, "bf16": base, pr.SEED1: base[::-1], pr.AVX2: base}  # seed 1: every pair reversed
+    scores = {(t, v): {"reward": col[i], "lr": 0.01, "seconds": 1.0} for v, col in columns.items()
+              for i, t in enumerate(texts)}
+    out = pr.report(texts, scores)
+    assert "fp32 vs fp32 on AVX2 kernels (other rounding, same seed): Kendall tau-b 1.000" in out
+    from nos_gym.tasks.convnet.fidelity import kendall_tau
+
+    reversed_tau = kendall_tau(base, base[::-1])
+    assert reversed_tau < -0.9
+    assert f"fp32 vs fp32 at child seed 1 (other weights and minibatches): Kendall tau-b {reversed_tau:.3f}" in out
+    assert "equal scores 8/8" in out
+    del scores[(texts[0], pr.AVX2)]  # a ceiling is reported only once every rule has its score
+    assert "AVX2 kernels" not in pr.report(texts, scores)
+    assert pr.VARIANTS[pr.AVX2][2] == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert pr.order_text({"SGD": 0.49, "Adam": 0.5735, "PowerSign": 0.5735}) == "Adam = PowerSign > SGD"
+
+
 def test_child_throughput_block_part_times_both_blocks_in_both_storages(capsys):
     import child_throughput
 
