@@ -18,7 +18,8 @@ Parts (``--only`` picks one):
 2. ``compare``: child-images per second per core, old code vs new (fp32, and bf16 where
    asked), interleaved: each round runs every variant once, in turn, in its own warm worker
    process (the old code is ``git archive``d from ``--baseline`` into a temporary folder).
-   Prints min and median over the rounds and the ratios to the old code.
+   Prints min and median over the rounds and the ratios to the old code. ``--also REV`` adds
+   commit REV at the same precisions, to isolate what the changes since REV gained.
 3. ``pool``: the same with two worker processes per variant running at once, as the
    Evaluator's process pool does on two cores; images per second per core.
 4. ``block``: the native batch-norm/pool block alone (this code), fp32 against bf16, at both
@@ -29,6 +30,7 @@ Parts (``--only`` picks one):
 
     python benchmarks/child_throughput.py                          # parts 1-3 on the CPU (~20 min)
     python benchmarks/child_throughput.py --only compare --rounds 5 --presets cpu
+    python benchmarks/child_throughput.py --only compare --presets cpu --also HEAD~3   # + what HEAD~3 ran at
     python benchmarks/child_throughput.py --quick                  # "ci" protocol, 2 rounds: does it run
     python benchmarks/child_throughput.py --only block            # the block alone, fp32 vs bf16 (~1 min)
     python benchmarks/child_throughput.py --only trainer --device cuda --random-data

@@ -532,3 +532,12 @@ def test_child_throughput_block_part_times_both_blocks_in_both_storages(capsys):
     out = capsys.readouterr().out
     for block in ("block 1 (32x32)", "block 2 (16x16)"):
         assert f"{block}  float32" in out and f"{block}  bfloat16" in out and f"{block}: bf16 is" in out
+
+
+def test_child_throughput_unpacks_an_older_commit_into_a_new_folder(tmp_path):
+    import child_throughput
+
+    code = child_throughput.baseline_code("HEAD", tmp_path / "also" / "deeper")  # --also's folder need not exist
+    assert (code / "nos_gym" / "tasks" / "convnet" / "grouped.py").is_file()
+    with pytest.raises(SystemExit, match="cannot read commit"):
+        child_throughput.baseline_code("no-such-rev", tmp_path / "x")

@@ -187,6 +187,10 @@ def _autocast(device: torch.device, precision: str):
     return nullcontext()
 
 
+#: the dtype of each precision's network input
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def input_batch(split: Split, idx: Tensor | slice, channels_last: bool, precision: str = "fp32") -> Tensor:
     """The network's input for examples ``idx`` (an index tensor or a slice) of ``split``: a gather from
     ``split.inputs`` where it holds them in this layout and dtype (``Split.with_inputs``), else
@@ -200,9 +204,6 @@ def input_batch(split: Split, idx: Tensor | slice, channels_last: bool, precisio
     if channels_last:  # gather rows of the (N, H, W, C) storage: indexing the NCHW view is several times slower
         return x.permute(0, 2, 3, 1).index_select(0, idx).permute(0, 3, 1, 2)
     return x.index_select(0, idx)
-
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _batch(images: Tensor, channels_last: bool, precision: str = "fp32") -> Tensor:
