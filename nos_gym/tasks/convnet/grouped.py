@@ -187,8 +187,10 @@ def _autocast(device: torch.device, precision: str):
     return nullcontext()
 
 
-#: the dtype of each precision's network input
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+def input_dtype(precision: str) -> torch.dtype:
+    """The dtype of the network's input under ``precision``: bfloat16 for "bf16", else float32
+    (``_autocast`` rejects an unknown precision)."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def input_batch(split: Split, idx: Tensor | slice, channels_last: bool, precision: str = "fp32") -> Tensor:
@@ -197,7 +199,7 @@ def input_batch(split: Split, idx: Tensor | slice, channels_last: bool, precisio
     ``_batch`` of the uint8 images. Both give the same numbers."""
     x = split.inputs
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    if x is None or x.dtype != _DTYPES.get(precision) or not x.is_contiguous(memory_format=fmt):
+    if x is None or x.dtype != input_dtype(precision) or not x.is_contiguous(memory_format=fmt):
         return _batch(split.images[idx], channels_last, precision)
     if isinstance(idx, slice):
         return x[idx]
@@ -212,7 +214,7 @@ def _batch(images: Tensor, channels_last: bool, precision: str = "fp32") -> Tens
     input is cast here, once, as autocast would round it: otherwise autocast casts it again for every
     child's first convolution."""
     x = normalize(images.contiguous(memory_format=torch.channels_last) if channels_last else images)
-    return x.to(torch.bfloat16) if precision == "bf16" else x
+    return x.to(input_dtype(precision))
 
 
 def per_child_loss(logits: Tensor, labels: Tensor) -> Tensor:

@@ -64,7 +64,7 @@ from nos_gym.optim import NOSOptimizer
 from nos_gym.tasks.base import Result, Task, check_draws, evaluate_draws
 from nos_gym.tasks.convnet import native as child_native
 from nos_gym.tasks.convnet.fidelity import evaluate_group
-from nos_gym.tasks.convnet.grouped import train_children
+from nos_gym.tasks.convnet.grouped import input_dtype, train_children
 from nos_gym.tasks.convnet.network import ChildNet, batch_order, init_child
 from nos_gym.tasks.convnet.protocol import DRAWS, Protocol, resolve_protocol
 
@@ -213,7 +213,7 @@ class ConvNetTask(Task):
         cached = self.__dict__.get("_child_data")
         if cached is None:
             p, data = self.protocol, self.data
-            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+            dtype = input_dtype(self.precision)
             train = data.train.take(max(p.sweep_examples, p.train_examples)).with_inputs(dtype=dtype)
             cached = self.__dict__["_child_data"] = CIFAR10(train, data.val.take(p.val_examples).with_inputs(dtype=dtype),
                                                             data.test)
